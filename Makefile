@@ -1,0 +1,42 @@
+# Two commands set everything up on a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV := .venv
+REF_VENV := .venv-ref
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip --disable-pip-version-check -q
+export PIP_PROGRESS_BAR := off
+
+.PHONY: demo test test-fast lint install reference-env clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -e '.[dev]'
+	touch $@
+
+install: $(VENV)/.installed
+
+# timm imports torchvision, and PyPI's torchvision does not load beside the CPU build
+# of torch 2.13 (its C extension links libtorch_cuda). The reference environment holds
+# the pair that does load (torch 2.14.1 + torchvision 0.29.1, both on this disk) plus
+# timm; tests run it in a subprocess to produce timm's outputs for the same weights.
+$(REF_VENV)/.installed: tests/reference/requirements.txt
+	$(PYTHON) -m venv $(REF_VENV)
+	$(REF_VENV)/bin/pip --disable-pip-version-check -q install -r tests/reference/requirements.txt
+	touch $@
+
+reference-env: $(REF_VENV)/.installed
+
+test: install reference-env
+	$(VENV)/bin/pytest -q
+
+test-fast: install
+	$(VENV)/bin/pytest -q -m "not slow and not reference"
+
+lint: install
+	$(VENV)/bin/ruff check src tests
+
+demo: install
+	$(VENV)/bin/attnserve demo
+
+clean:
+	rm -rf $(VENV) $(REF_VENV) out

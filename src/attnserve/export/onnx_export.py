@@ -1,0 +1,239 @@
+"""torch -> ONNX, followed by the parity check that decides whether the file is kept.
+
+The export is staged in a hidden directory beside the output and moved into place only
+after `onnx.checker` and the parity check pass, so an output directory never holds a
+half-written or unverified model.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+
+from attnserve import __version__
+from attnserve.artifact import MANIFEST_NAME, ONNX_NAME, PARITY_NAME
+from attnserve.compare import ComparisonReport, compare_outputs
+from attnserve.errors import AttnserveError, ExportError, ParityError
+from attnserve.models import create_model, get_entry
+from attnserve.models.layers import explicit_attention
+from attnserve.spec import ModelSpec, TensorSpec
+
+# ONNX Runtime 1.31 refuses newer IR versions than this (checked, see DESIGN.md).
+MAX_IR_VERSION = 10
+DEFAULT_OPSET = 18
+PARITY_BATCH_SIZES = (1, 3)
+# Traced at batch 2: a size-1 example would let the tracer specialise the batch axis.
+_TRACE_BATCH = 2
+
+
+@dataclass
+class ExportResult:
+    """What `export_onnx` wrote."""
+
+    out_dir: Path
+    onnx_path: Path
+    spec: ModelSpec
+    parity: list[ComparisonReport]
+    precision: str
+
+    @property
+    def passed(self) -> bool:
+        return all(r.passed for r in self.parity)
+
+
+def export_onnx(
+    name: str,
+    out_dir: str | Path,
+    config: str | Any = "tiny",
+    checkpoint: str | Path | None = None,
+    *,
+    opset: int = DEFAULT_OPSET,
+    custom_ops: bool = True,
+    fp16: bool = False,
+    allow_mismatch: bool = False,
+    parity_batch_sizes: tuple[int, ...] = PARITY_BATCH_SIZES,
+    seed: int = 0,
+    **overrides: Any,
+) -> ExportResult:
+    """Export a registered model to `out_dir` and check it against the eager model.
+
+    Args:
+        name: registry name.
+        out_dir: directory for model.onnx (+ .data), attnserve.json and parity.json;
+            created if missing, existing files of those names are replaced.
+        config: preset name or config object.
+        checkpoint: weights to load (see `create_model`); None keeps the seeded init.
+        opset: ONNX opset (18 or newer).
+        custom_ops: emit attnserve custom-op nodes where the model has them (with
+            model-local function bodies); False writes standard ops only. Models without
+            custom ops ignore it.
+        fp16: write a half-precision graph (fp16 inputs, weights and outputs), checked
+            against the fp32 eager model with the spec's fp16 tolerance.
+        allow_mismatch: write the model even if parity fails (the report says so).
+        parity_batch_sizes: batch sizes the parity check runs at.
+        seed: initialisation seed when no checkpoint is given (recorded, so the torch
+            runner rebuilds the same model).
+        **overrides: config field overrides.
+
+    Raises:
+        ParityError: parity failed and allow_mismatch is False; nothing was written.
+        ExportError: the exporter or onnx.checker failed.
+    """
+    if opset < 18:
+        raise ExportError(f"opset {opset} is too old; attnserve exports opset 18 or newer")
+    entry = get_entry(name)
+    config_name, cfg = entry.config(config, **overrides)
+    model = create_model(name, cfg, str(checkpoint) if checkpoint else None, seed=seed)
+    spec = dataclasses.replace(entry.spec_fn(name, config_name, cfg), config=config_name)
+    precision = "fp16" if fp16 else "fp32"
+    graph_spec = _with_float_dtype(spec, "float16") if fp16 else spec
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=out_dir))
+    try:
+        onnx_path = staging / ONNX_NAME
+        _torch_export(copy.deepcopy(model).half() if fp16 else model, graph_spec, onnx_path, opset)
+        reports = check_parity(model, spec, onnx_path, precision, parity_batch_sizes)
+        passed = all(r.passed for r in reports)
+        if not passed and not allow_mismatch:
+            failures = "; ".join(f"{r.label}: {', '.join(r.failures())}" for r in reports if not r.passed)
+            raise ParityError(
+                f"{name} ({config_name}, {precision}) differs from the eager model on ONNX "
+                f"Runtime beyond tolerance ({failures}); nothing was written. Pass "
+                "--allow-mismatch to keep it anyway.",
+                reports,
+            )
+        _write_json(staging / PARITY_NAME, {
+            "passed": passed,
+            "precision": precision,
+            "backend": "onnxruntime-cpu",
+            "reports": [r.to_dict() for r in reports],
+        })
+        manifest = {
+            "format": 1,
+            "model": name,
+            "config": config if isinstance(config, str) else "custom",
+            "overrides": {k: _jsonable(v) for k, v in overrides.items()},
+            "config_fields": {k: _jsonable(v) for k, v in dataclasses.asdict(cfg).items()},
+            "checkpoint": str(Path(checkpoint).resolve()) if checkpoint else None,
+            "seed": None if checkpoint else seed,
+            "precision": precision,
+            "opset": opset,
+            "custom_ops": custom_ops,
+            "parity_passed": passed,
+            "spec": graph_spec.to_dict(),
+            "versions": {"attnserve": __version__, "torch": torch.__version__, "onnx": onnx.__version__},
+        }
+        _write_json(staging / MANIFEST_NAME, manifest)
+        final_path = out_dir / ONNX_NAME
+        # The data file's name is recorded inside the graph; the pair moves together.
+        stale = out_dir / (ONNX_NAME + ".data")
+        if stale.exists() and not (staging / stale.name).exists():
+            stale.unlink()
+        for f in sorted(staging.iterdir()):
+            os.replace(f, out_dir / f.name)
+        return ExportResult(out_dir, final_path, graph_spec, reports, precision)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+        if not any(out_dir.iterdir()):
+            out_dir.rmdir()
+
+
+def check_parity(
+    model: torch.nn.Module,
+    spec: ModelSpec,
+    onnx_path: Path,
+    precision: str = "fp32",
+    batch_sizes: tuple[int, ...] = PARITY_BATCH_SIZES,
+    seed: int = 0,
+) -> list[ComparisonReport]:
+    """Run the ONNX file on ONNX Runtime (CPU) and the eager model on the same inputs,
+    at each batch size; one report per batch size."""
+    from attnserve.runtime.ort import OrtRunner
+    from attnserve.runtime.torch_runner import TorchRunner
+
+    reports = []
+    with OrtRunner(onnx_path) as onnx_runner:
+        reference = TorchRunner(model, spec)
+        for batch in batch_sizes:
+            feed = spec.example_inputs(batch, seed=seed + batch)
+            if precision == "fp16":
+                # Both sides see the same fp16-rounded values; the reference stays fp32.
+                feed16 = {k: v.astype(np.float16) if v.dtype == np.float32 else v for k, v in feed.items()}
+                feed = {k: v.astype(np.float32) if v.dtype == np.float16 else v for k, v in feed16.items()}
+                actual = onnx_runner.run(feed16)
+            else:
+                actual = onnx_runner.run(feed)
+            expected = reference.run(feed)
+            reports.append(compare_outputs(
+                expected, actual, spec.tolerance(precision),
+                classes_last_axis=spec.task.endswith("classification"),
+                label=f"batch {batch}",
+            ))
+    return reports
+
+
+def _torch_export(model: torch.nn.Module, spec: ModelSpec, path: Path, opset: int) -> None:
+    args = tuple(
+        torch.from_numpy(v) for v in spec.example_inputs(_TRACE_BATCH, seed=0).values()
+    )
+    dims: dict[str, torch.export.Dim] = {}
+    dynamic_shapes = {
+        t.name: {axis: dims.setdefault(d, torch.export.Dim(d, min=1, max=65536))
+                 for axis, d in t.dynamic_axes.items()} or None
+        for t in spec.inputs
+    }
+    try:
+        with warnings.catch_warnings(), explicit_attention():
+            warnings.simplefilter("ignore")
+            program = torch.onnx.export(
+                model, args, dynamo=True, opset_version=opset, verbose=False,
+                dynamic_shapes=dynamic_shapes, input_names=spec.input_names,
+                output_names=spec.output_names, report=False,
+            )
+    except AttnserveError:
+        raise
+    except Exception as e:
+        raise ExportError(
+            f"torch.onnx.export failed for {spec.name} ({spec.config}): {_first_line(e)}"
+        ) from e
+    if getattr(program.model, "ir_version", MAX_IR_VERSION) > MAX_IR_VERSION:
+        program.model.ir_version = MAX_IR_VERSION
+    program.save(str(path), external_data=True)
+    try:
+        onnx.checker.check_model(str(path), full_check=True)
+    except onnx.checker.ValidationError as e:
+        raise ExportError(f"the exported graph of {spec.name} is not valid ONNX: {_first_line(e)}") from None
+
+
+def _with_float_dtype(spec: ModelSpec, dtype: str) -> ModelSpec:
+    def convert(ts: tuple[TensorSpec, ...]):
+        return tuple(dataclasses.replace(t, dtype=dtype) if t.dtype == "float32" else t for t in ts)
+
+    return dataclasses.replace(spec, inputs=convert(spec.inputs), outputs=convert(spec.outputs))
+
+
+def _jsonable(v: Any) -> Any:
+    return list(v) if isinstance(v, tuple) else v
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    path.write_text(json.dumps(obj, indent=2) + "\n")
+
+
+def _first_line(e: BaseException) -> str:
+    lines = [ln for ln in str(e).splitlines() if ln.strip()]
+    return lines[0] if lines else type(e).__name__

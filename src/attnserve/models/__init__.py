@@ -1,0 +1,13 @@
+"""The model zoo. Importing this package registers every architecture family."""
+
+from attnserve.models import attention_resnet, cait, deit, vit  # noqa: F401  (registers)
+from attnserve.models.registry import (
+    ModelEntry,
+    create_model,
+    get_entry,
+    get_spec,
+    list_models,
+    register_model,
+)
+
+__all__ = ["ModelEntry", "create_model", "get_entry", "get_spec", "list_models", "register_model"]

@@ -1,0 +1,20 @@
+"""Blocks shared by the model families: attention, MLP, patch embedding, ResNet."""
+
+from attnserve.models.layers.attention import (
+    Attention,
+    ClassAttention,
+    TalkingHeadAttention,
+    explicit_attention,
+    scaled_dot_product,
+)
+from attnserve.models.layers.block import Block
+from attnserve.models.layers.mlp import Mlp
+from attnserve.models.layers.patch_embed import PatchEmbed, resample_pos_embed
+from attnserve.models.layers.resnet import Bottleneck, ResNet
+from attnserve.models.layers.squeeze_excite import Cbam, SqueezeExcite
+
+__all__ = [
+    "Attention", "Block", "Bottleneck", "Cbam", "ClassAttention", "Mlp", "PatchEmbed",
+    "ResNet", "SqueezeExcite", "TalkingHeadAttention", "explicit_attention",
+    "resample_pos_embed", "scaled_dot_product",
+]

@@ -1,0 +1,208 @@
+"""What a model takes and gives, written down without torch.
+
+A `ModelSpec` is the declarative export description of one registered model in one
+configuration: its task, its inputs and outputs (dtypes, shapes with named dynamic
+axes), how to make example inputs, and the parity tolerances per precision. Export,
+runtime validation, serving and the benchmark all read it, so it lives in a module that
+an edge box with only numpy can import; it is also written beside every exported model
+as JSON (`ModelSpec.to_dict` / `from_dict`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+Dim = int | str  # an int is a fixed size; a str names a dynamic axis ("batch", "height")
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One named input or output tensor.
+
+    Attributes:
+        name: the graph name, also the key in a Runner's feed and result dicts.
+        dtype: a numpy dtype name ("float32", "int64", ...).
+        shape: sizes, with a string naming each dynamic axis.
+        value_range: for integer inputs, the half-open range example values are drawn
+            from (token ids, class ids).
+    """
+
+    name: str
+    dtype: str
+    shape: tuple[Dim, ...]
+    value_range: tuple[int, int] | None = None
+
+    @property
+    def dynamic_axes(self) -> dict[int, str]:
+        return {i: d for i, d in enumerate(self.shape) if isinstance(d, str)}
+
+    def concrete_shape(self, dims: Mapping[str, int]) -> tuple[int, ...]:
+        missing = [d for d in self.shape if isinstance(d, str) and d not in dims]
+        if missing:
+            raise KeyError(f"no size given for dynamic axis {missing[0]!r} of {self.name!r}")
+        return tuple(dims[d] if isinstance(d, str) else d for d in self.shape)
+
+    def matches(self, shape: tuple[int, ...]) -> bool:
+        return len(shape) == len(self.shape) and all(
+            isinstance(want, str) or want == got for want, got in zip(self.shape, shape, strict=False)
+        )
+
+    def describe_shape(self) -> str:
+        return "(" + ", ".join(str(d) for d in self.shape) + ")"
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """Element-wise closeness: |got - want| <= atol + rtol * |want|, as numpy.isclose."""
+
+    atol: float
+    rtol: float
+
+
+DEFAULT_TOLERANCES: Mapping[str, Tolerance] = {
+    "fp32": Tolerance(atol=1e-4, rtol=1e-3),
+    # fp16 keeps 11 significant bits; logits of O(10) lose ~1e-2 through a deep stack.
+    "fp16": Tolerance(atol=5e-2, rtol=5e-2),
+}
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """The export description of one model in one configuration.
+
+    Attributes:
+        name: registry name ("vit").
+        config: configuration preset name ("tiny", "s16", ...) or "custom".
+        task: what the outputs mean ("image-classification", ...).
+        inputs, outputs: tensors in graph order.
+        default_dims: sizes used for dynamic axes other than "batch" when making
+            example inputs (e.g. {"height": 224, "width": 224}).
+        tolerances: parity tolerance per precision ("fp32", "fp16").
+        preprocessing: how raw data becomes the first input (image size, mean, std,
+            colour order); consumed by clients and serving.
+        labels: class names where the task has them (None: unnamed classes).
+    """
+
+    name: str
+    config: str
+    task: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    default_dims: Mapping[str, int] = field(default_factory=dict)
+    tolerances: Mapping[str, Tolerance] = field(default_factory=lambda: dict(DEFAULT_TOLERANCES))
+    preprocessing: Mapping[str, object] = field(default_factory=dict)
+    labels: tuple[str, ...] | None = None
+
+    @property
+    def input_names(self) -> list[str]:
+        return [t.name for t in self.inputs]
+
+    @property
+    def output_names(self) -> list[str]:
+        return [t.name for t in self.outputs]
+
+    def tolerance(self, precision: str = "fp32") -> Tolerance:
+        try:
+            return self.tolerances[precision]
+        except KeyError:
+            raise KeyError(
+                f"{self.name} has no tolerance for precision {precision!r}; "
+                f"known: {', '.join(self.tolerances)}"
+            ) from None
+
+    def dims(self, batch_size: int, **overrides: int) -> dict[str, int]:
+        return {**self.default_dims, "batch": batch_size, **overrides}
+
+    def example_inputs(self, batch_size: int = 1, seed: int = 0, **dims: int) -> dict[str, np.ndarray]:
+        """Random inputs of the right names, dtypes and shapes.
+
+        Floating inputs are standard normal (models take normalised images); integer
+        inputs are drawn uniformly from the tensor's `value_range`. `dims` overrides the
+        sizes of named dynamic axes, to check a model at shapes other than its export
+        shapes.
+        """
+        rng = np.random.default_rng(seed)
+        sizes = self.dims(batch_size, **dims)
+        feed = {}
+        for t in self.inputs:
+            shape = t.concrete_shape(sizes)
+            dtype = np.dtype(t.dtype)
+            if dtype.kind == "f":
+                feed[t.name] = rng.standard_normal(shape).astype(dtype)
+            elif dtype.kind in "iu":
+                low, high = t.value_range or (0, 2)
+                feed[t.name] = rng.integers(low, high, size=shape).astype(dtype)
+            elif dtype.kind == "b":
+                feed[t.name] = rng.integers(0, 2, size=shape).astype(bool)
+            else:
+                raise TypeError(f"cannot make example values of dtype {t.dtype} for {t.name}")
+        return feed
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["inputs"] = [asdict(t) for t in self.inputs]
+        d["outputs"] = [asdict(t) for t in self.outputs]
+        d["tolerances"] = {k: asdict(v) for k, v in self.tolerances.items()}
+        d["default_dims"] = dict(self.default_dims)
+        d["preprocessing"] = dict(self.preprocessing)
+        d["labels"] = list(self.labels) if self.labels is not None else None
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> ModelSpec:
+        def tensor(t: Mapping) -> TensorSpec:
+            vr = t.get("value_range")
+            return TensorSpec(t["name"], t["dtype"], tuple(t["shape"]), tuple(vr) if vr else None)
+
+        labels = d.get("labels")
+        return cls(
+            name=d["name"],
+            config=d["config"],
+            task=d["task"],
+            inputs=tuple(tensor(t) for t in d["inputs"]),
+            outputs=tuple(tensor(t) for t in d["outputs"]),
+            default_dims=dict(d.get("default_dims", {})),
+            tolerances={k: Tolerance(**v) for k, v in d.get("tolerances", {}).items()},
+            preprocessing=dict(d.get("preprocessing", {})),
+            labels=tuple(labels) if labels is not None else None,
+        )
+
+
+def image_classification_spec(
+    name: str,
+    config: str,
+    *,
+    img_size: int,
+    in_chans: int,
+    num_classes: int,
+    dynamic_size: bool,
+    tolerances: Mapping[str, Tolerance] | None = None,
+    mean: tuple[float, ...] = (0.485, 0.456, 0.406),
+    std: tuple[float, ...] = (0.229, 0.224, 0.225),
+) -> ModelSpec:
+    """The spec every image classifier shares: NCHW float images in, logits out.
+
+    `dynamic_size` marks height and width dynamic, for models whose graph does not
+    depend on the image size (convolutional trunks with global pooling).
+    """
+    h, w = ("height", "width") if dynamic_size else (img_size, img_size)
+    return ModelSpec(
+        name=name,
+        config=config,
+        task="image-classification",
+        inputs=(TensorSpec("images", "float32", ("batch", in_chans, h, w)),),
+        outputs=(TensorSpec("logits", "float32", ("batch", num_classes)),),
+        default_dims={"height": img_size, "width": img_size} if dynamic_size else {},
+        tolerances=dict(tolerances or DEFAULT_TOLERANCES),
+        preprocessing={
+            "image_size": img_size,
+            "resize": int(round(img_size / 0.875)),
+            "mean": list(mean),
+            "std": list(std),
+            "color": "RGB",
+            "layout": "NCHW",
+        },
+    )
