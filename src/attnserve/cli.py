@@ -1,0 +1,204 @@
+"""The `attnserve` command line.
+
+Every error a user can cause (an unknown model, a checkpoint that does not fit, a
+model that fails parity) is an AttnserveError: it is printed as one sentence on stderr
+and the exit code is 1. Anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from attnserve.errors import AttnserveError
+
+app = typer.Typer(
+    name="attnserve",
+    help="Attention models from PyTorch to production: export, verify, benchmark, serve.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+console = Console()
+err_console = Console(stderr=True)
+
+
+def _csv_ints(text: str, what: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise AttnserveError(f"{what} must be comma-separated whole numbers, got {text!r}") from None
+    if not values or any(v < 1 for v in values):
+        raise AttnserveError(f"{what} must be positive whole numbers, got {text!r}")
+    return values
+
+
+@app.command("models")
+def models_cmd(
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+) -> None:
+    """List the registered models with their configs and checkpoint formats."""
+    from attnserve.models import get_entry, list_models
+
+    entries = [get_entry(n) for n in list_models()]
+    if as_json:
+        print(json.dumps([
+            {"name": e.name, "task": e.task, "configs": list(e.configs), "paper": e.paper,
+             "checkpoint_formats": list(e.checkpoint_formats)}
+            for e in entries
+        ], indent=2))
+        return
+    table = Table(title=f"{len(entries)} models")
+    for col in ("name", "task", "configs", "checkpoints"):
+        table.add_column(col)
+    for e in entries:
+        table.add_row(e.name, e.task, ", ".join(e.configs), ", ".join(e.checkpoint_formats) or "native")
+    console.print(table)
+
+
+@app.command("export")
+def export_cmd(
+    name: Annotated[str, typer.Argument(help="Registered model name (see `attnserve models`).")],
+    config: Annotated[str, typer.Option("--config", "-c", help="Config preset.")] = "tiny",
+    checkpoint: Annotated[Path | None, typer.Option(help=".pt/.pth/.bin or .safetensors weights.")] = None,
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Output directory.")] = None,
+    fp16: Annotated[bool, typer.Option("--fp16", help="Write a half-precision model.")] = False,
+    opset: Annotated[int, typer.Option(help="ONNX opset (18 or newer).")] = 18,
+    custom_ops: Annotated[bool, typer.Option(help="Use attnserve custom ops where present.")] = True,
+    allow_mismatch: Annotated[bool, typer.Option(help="Write the model even if parity fails.")] = False,
+) -> None:
+    """Export a model to ONNX and check it against the eager model on ONNX Runtime."""
+    from attnserve.export import export_onnx
+
+    out_dir = output or Path("out") / f"{name}-{config}{'-fp16' if fp16 else ''}"
+    with console.status(f"exporting {name} ({config}) and checking parity on ONNX Runtime..."):
+        result = export_onnx(
+            name, out_dir, config=config, checkpoint=checkpoint, opset=opset,
+            custom_ops=custom_ops, fp16=fp16, allow_mismatch=allow_mismatch,
+        )
+    for report in result.parity:
+        console.print(f"  parity {report.label}: {report.summary()}")
+    verdict = "[green]passed[/green]" if result.passed else "[red]FAILED (kept: --allow-mismatch)[/red]"
+    console.print(f"wrote {result.onnx_path} ({result.precision}); parity {verdict}")
+
+
+@app.command("verify")
+def verify_cmd(
+    onnx_path: Annotated[Path, typer.Argument(help="An export directory or .onnx file.")],
+    model: Annotated[str | None, typer.Option("--model", "-m", help="Model name (for a bare .onnx).")] = None,
+    config: Annotated[str, typer.Option("--config", "-c")] = "tiny",
+    checkpoint: Annotated[Path | None, typer.Option()] = None,
+    batch: Annotated[str, typer.Option(help="Batch sizes to check, comma-separated.")] = "1,3",
+) -> None:
+    """Check an exported model against the eager model; exit 1 on a mismatch."""
+    from attnserve.export import verify_onnx
+
+    batches = tuple(_csv_ints(batch, "--batch"))
+    with console.status(f"checking {onnx_path} against the eager model..."):
+        reports = verify_onnx(onnx_path, model, config, str(checkpoint) if checkpoint else None,
+                              batch_sizes=batches)
+    for r in reports:
+        console.print(f"  {r.label}: {r.summary()}")
+    failed = [r for r in reports if not r.passed]
+    if failed:
+        raise AttnserveError(
+            f"{onnx_path} does not match the eager model: "
+            + "; ".join(f"{r.label}: {', '.join(r.failures())}" for r in failed)
+        )
+    console.print("[green]parity passed[/green]")
+
+
+@app.command("bench")
+def bench_cmd(
+    source: Annotated[str, typer.Argument(help="Model name, or an export directory.")],
+    backends: Annotated[str, typer.Option(help="Comma-separated: torch, ort.")] = "torch,ort",
+    batch: Annotated[str, typer.Option(help="Batch sizes, comma-separated.")] = "1,8",
+    config: Annotated[str, typer.Option("--config", "-c")] = "tiny",
+    checkpoint: Annotated[Path | None, typer.Option()] = None,
+    threads: Annotated[int, typer.Option(help="Intra-op threads for every backend.")] = 2,
+    warmup: Annotated[int, typer.Option(help="Untimed calls per backend and batch.")] = 5,
+    iterations: Annotated[int, typer.Option(help="Timed calls per backend and batch.")] = 50,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Also write the results here.")] = None,
+) -> None:
+    """Time backends side by side: p50/p90/p99 latency and throughput."""
+    from attnserve.bench import benchmark_model
+
+    if iterations < 1 or warmup < 0 or threads < 0:
+        raise AttnserveError("--iterations must be >= 1, --warmup and --threads >= 0")
+    names = [b.strip() for b in backends.split(",") if b.strip()]
+    with console.status("benchmarking...") as status:
+        result = benchmark_model(
+            source, names, _csv_ints(batch, "--batch"), config=config,
+            checkpoint=str(checkpoint) if checkpoint else None, threads=threads, warmup=warmup,
+            iterations=iterations, on_progress=lambda msg: status.update(msg),
+        )
+    print_benchmark(result)
+    if json_out:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(json.dumps(result.to_dict(), indent=2) + "\n")
+        console.print(f"wrote {json_out}")
+
+
+def print_benchmark(result) -> None:
+    m = result.machine
+    table = Table(title=f"{result.model} ({result.config}) on {m.get('cpu')}, {result.threads} threads")
+    for col in ("backend", "batch", "p50 ms", "p90 ms", "p99 ms", "samples/s", "vs torch", "outputs"):
+        table.add_column(col, justify="right" if col not in ("backend", "outputs") else "left")
+    for r in result.rows:
+        ratio = result.ratio(r.backend, "torch", r.batch_size)
+        table.add_row(
+            r.backend, str(r.batch_size), f"{r.p50_ms:.2f}", f"{r.p90_ms:.2f}", f"{r.p99_ms:.2f}",
+            f"{r.throughput:.1f}", f"{ratio:.2f}x" if ratio else "-",
+            "ok" if r.correct else f"[red]WRONG ({r.max_abs_error:.2g})[/red]",
+        )
+    console.print(table)
+
+
+@app.command("demo")
+def demo_cmd(
+    output: Annotated[Path, typer.Option("--output", "-o")] = Path("out/demo"),
+    config: Annotated[str, typer.Option("--config", "-c", help="ViT config to use.")] = "ti16",
+) -> None:
+    """Export a ViT, verify it, and compare eager and ONNX Runtime latency."""
+    from attnserve.bench import benchmark_model
+    from attnserve.export import export_onnx, verify_onnx
+
+    out_dir = output / f"vit-{config}"
+    console.rule("1. export (torch.onnx dynamo exporter) with parity on ONNX Runtime")
+    with console.status(f"exporting vit ({config})..."):
+        result = export_onnx("vit", out_dir, config=config)
+    for r in result.parity:
+        console.print(f"  parity {r.label}: {r.summary()}")
+    console.print(f"  wrote {result.onnx_path}")
+    console.rule("2. verify the file on disk at other batch sizes")
+    with console.status("verifying..."):
+        reports = verify_onnx(out_dir, batch_sizes=(2, 5))
+    for r in reports:
+        console.print(f"  {r.label}: {r.summary()}")
+    console.rule("3. latency, eager vs ONNX Runtime, side by side")
+    with console.status("benchmarking...") as status:
+        bench = benchmark_model(str(out_dir), ("torch", "ort"), (1, 8), iterations=20,
+                                on_progress=lambda msg: status.update(msg))
+    print_benchmark(bench)
+    console.print(f"outputs are in {out_dir}")
+
+
+def main() -> None:
+    try:
+        app()
+    except AttnserveError as e:
+        err_console.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        err_console.print("interrupted")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()
