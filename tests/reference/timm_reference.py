@@ -1,10 +1,12 @@
 """Run in the timm reference environment (.venv-ref): build timm models with random
 weights, and write, per model, the state dict, an input batch and timm's output.
 
-    python timm_reference.py OUT_DIR timm_name [timm_name ...]
+    python timm_reference.py OUT_DIR timm_name[@img_size] | torchvision:name ...
 
-writes OUT_DIR/<timm_name>.safetensors (the weights) and OUT_DIR/<timm_name>.npz
-(`images`, `logits`). The attnserve test loads the weights into our model and compares.
+writes OUT_DIR/<entry>.safetensors (the weights) and OUT_DIR/<entry>.npz (`images`,
+`logits`). With @img_size, the weights are those of the model at its default size and
+the output is timm's model built at img_size with timm's own checkpoint filter (which
+resamples the position embedding): the test checks our interpolation against it.
 """
 
 import sys
@@ -20,9 +22,16 @@ def main() -> None:
     out_dir = Path(sys.argv[1])
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(2)
-    for i, name in enumerate(sys.argv[2:]):
+    for i, entry in enumerate(sys.argv[2:]):
+        name, _, size = entry.partition("@")
         torch.manual_seed(1234 + i)
-        model = timm.create_model(name, pretrained=False).eval()
+        if name.startswith("torchvision:"):
+            import torchvision
+
+            model = getattr(torchvision.models, name.split(":")[1])(weights=None).eval()
+            model.pretrained_cfg = {"input_size": (3, 224, 224)}
+        else:
+            model = timm.create_model(name, pretrained=False).eval()
         # Random init leaves some parameters at constants (zero-init BN gammas, LayerScale
         # 1e-5); perturb every float tensor so that each one affects the output.
         with torch.no_grad():
@@ -31,15 +40,19 @@ def main() -> None:
             for m in model.modules():
                 if isinstance(m, torch.nn.BatchNorm2d):
                     m.running_var.abs_().add_(0.5)
-        cfg = model.pretrained_cfg
-        size = cfg["input_size"]
-        images = torch.randn(2, *size, generator=torch.Generator().manual_seed(i))
+        sd = {k: v.contiguous() for k, v in model.state_dict().items()}
+        if size:
+            model = timm.create_model(name, pretrained=False, img_size=int(size)).eval()
+            module = sys.modules[type(model).__module__]
+            model.load_state_dict(module.checkpoint_filter_fn(dict(sd), model))
+        input_size = model.pretrained_cfg["input_size"][:1] + ((int(size),) * 2 if size else ())
+        input_size = input_size if size else model.pretrained_cfg["input_size"]
+        images = torch.randn(2, *input_size, generator=torch.Generator().manual_seed(i))
         with torch.inference_mode():
             logits = model(images)
-        sd = {k: v.contiguous() for k, v in model.state_dict().items()}
-        save_file(sd, str(out_dir / f"{name}.safetensors"))
-        np.savez(out_dir / f"{name}.npz", images=images.numpy(), logits=logits.numpy())
-        print(name, tuple(logits.shape), flush=True)
+        save_file(sd, str(out_dir / f"{entry}.safetensors"))
+        np.savez(out_dir / f"{entry}.npz", images=images.numpy(), logits=logits.numpy())
+        print(entry, tuple(images.shape), tuple(logits.shape), flush=True)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,62 @@
+"""Checkpoints of the libraries users train with load into our models and give the same
+outputs (fp32, max abs error <= 1e-5).
+
+timm needs torchvision, which does not load beside the CPU build of torch 2.13, so the
+library side runs in the reference environment `.venv-ref` (made by `make test`; see the
+Makefile): it builds each model with random weights and writes the weights, an input
+batch and its output; here we load those weights into our model and compare.
+"""
+
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from attnserve.models import create_model, get_entry, list_models
+
+ROOT = Path(__file__).resolve().parents[1]
+REF_PYTHON = ROOT / ".venv-ref" / "bin" / "python"
+
+# reference entry -> (our model, config, config overrides)
+CASES = {
+    "vit_tiny_patch16_224": ("vit", "ti16", {}),
+    "vit_small_patch32_224": ("vit", "s32", {}),
+    "vit_tiny_patch16_224@384": ("vit", "ti16", {"img_size": 384}),  # pos-embed resampling
+    "torchvision:vit_b_16": ("vit", "b16", {}),
+    "deit_tiny_patch16_224": ("deit", "ti", {}),
+    "deit_tiny_distilled_patch16_224": ("deit", "ti_distilled", {}),
+    "cait_xxs24_224": ("cait", "xxs24", {}),
+    "seresnet50": ("se_resnet", "resnet50", {}),
+}
+
+pytestmark = [
+    pytest.mark.reference,
+    pytest.mark.skipif(not REF_PYTHON.exists(), reason="no .venv-ref: run `make reference-env`"),
+]
+
+
+@pytest.fixture(scope="module")
+def reference_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("timm")
+    subprocess.run([str(REF_PYTHON), str(ROOT / "tests/reference/timm_reference.py"), str(out), *CASES],
+                   check=True, capture_output=True, text=True)
+    return out
+
+
+@pytest.mark.parametrize("entry", list(CASES))
+def test_foreign_checkpoint_gives_the_same_outputs(entry, reference_dir):
+    name, config, overrides = CASES[entry]
+    model = create_model(name, config, checkpoint=str(reference_dir / f"{entry}.safetensors"), **overrides)
+    data = np.load(reference_dir / f"{entry}.npz")
+    with torch.inference_mode():
+        logits = model(torch.from_numpy(data["images"])).numpy()
+    assert np.abs(logits - data["logits"]).max() <= 1e-5
+    assert np.abs(data["logits"]).max() > 0.1, "a degenerate reference output proves nothing"
+
+
+def test_every_model_with_a_foreign_format_has_a_case():
+    covered = {name for name, _, _ in CASES.values()}
+    foreign = {n for n in list_models() if get_entry(n).checkpoint_formats}
+    assert foreign <= covered, f"no reference case for {sorted(foreign - covered)}"
