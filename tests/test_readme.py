@@ -1,0 +1,25 @@
+"""The README's Python example runs as written, and its CLI tour names real commands."""
+
+import re
+from pathlib import Path
+
+import pytest
+
+from attnserve.cli import app
+
+README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+
+
+def test_python_example_runs(tmp_path, monkeypatch):
+    blocks = re.findall(r"```python\n(.*?)```", README, flags=re.S)
+    assert blocks, "the README has a Python example"
+    monkeypatch.chdir(tmp_path)
+    for block in blocks:
+        scope: dict = {}
+        exec(compile(block, "README.md", "exec"), scope)
+    assert scope["logits"].shape == (4, 10)
+
+
+@pytest.mark.parametrize("line", re.findall(r"^attnserve (\w[\w-]*)", README, flags=re.M))
+def test_tour_commands_exist(line):
+    assert line in {c.name for c in app.registered_commands}
