@@ -69,7 +69,7 @@ def export_cmd(
     checkpoint: Annotated[Path | None, typer.Option(help=".pt/.pth/.bin or .safetensors weights.")] = None,
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Output directory.")] = None,
     fp16: Annotated[bool, typer.Option("--fp16", help="Write a half-precision model.")] = False,
-    opset: Annotated[int, typer.Option(help="ONNX opset (18 or newer).")] = 18,
+    opset: Annotated[int, typer.Option(help="ONNX opset (18 or newer; 20 with custom ops).")] = 20,
     custom_ops: Annotated[bool, typer.Option(help="Use attnserve custom ops where present.")] = True,
     allow_mismatch: Annotated[bool, typer.Option(help="Write the model even if parity fails.")] = False,
 ) -> None:

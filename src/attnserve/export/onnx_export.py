@@ -28,11 +28,14 @@ from attnserve.compare import ComparisonReport, compare_outputs
 from attnserve.errors import AttnserveError, ExportError, ParityError
 from attnserve.models import create_model, get_entry
 from attnserve.models.layers import explicit_attention
+from attnserve.ops import onnx_ops
 from attnserve.spec import ModelSpec, TensorSpec
 
 # ONNX Runtime 1.31 refuses newer IR versions than this (checked, see DESIGN.md).
 MAX_IR_VERSION = 10
-DEFAULT_OPSET = 18
+MIN_OPSET = 18
+# 20: GridSample on 5-D inputs and AffineGrid, which the custom ops' function bodies use.
+DEFAULT_OPSET = 20
 PARITY_BATCH_SIZES = (1, 3)
 # Traced at batch 2: a size-1 example would let the tracer specialise the batch axis.
 _TRACE_BATCH = 2
@@ -75,7 +78,7 @@ def export_onnx(
             created if missing, existing files of those names are replaced.
         config: preset name or config object.
         checkpoint: weights to load (see `create_model`); None keeps the seeded init.
-        opset: ONNX opset (18 or newer).
+        opset: ONNX opset (18 or newer; 20 or newer for models with custom ops).
         custom_ops: emit attnserve custom-op nodes where the model has them (with
             model-local function bodies); False writes standard ops only. Models without
             custom ops ignore it.
@@ -91,8 +94,8 @@ def export_onnx(
         ParityError: parity failed and allow_mismatch is False; nothing was written.
         ExportError: the exporter or onnx.checker failed.
     """
-    if opset < 18:
-        raise ExportError(f"opset {opset} is too old; attnserve exports opset 18 or newer")
+    if opset < MIN_OPSET:
+        raise ExportError(f"opset {opset} is too old; attnserve exports opset {MIN_OPSET} or newer")
     entry = get_entry(name)
     config_name, cfg = entry.config(config, **overrides)
     model = create_model(name, cfg, str(checkpoint) if checkpoint else None, seed=seed)
@@ -105,7 +108,8 @@ def export_onnx(
     staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=out_dir))
     try:
         onnx_path = staging / ONNX_NAME
-        _torch_export(copy.deepcopy(model).half() if fp16 else model, graph_spec, onnx_path, opset)
+        _torch_export(copy.deepcopy(model).half() if fp16 else model, graph_spec, onnx_path, opset,
+                      custom_ops)
         reports = check_parity(model, spec, onnx_path, precision, parity_batch_sizes)
         passed = all(r.passed for r in reports)
         if not passed and not allow_mismatch:
@@ -186,7 +190,8 @@ def check_parity(
     return reports
 
 
-def _torch_export(model: torch.nn.Module, spec: ModelSpec, path: Path, opset: int) -> None:
+def _torch_export(model: torch.nn.Module, spec: ModelSpec, path: Path, opset: int,
+                 custom_ops: bool = True) -> None:
     args = tuple(
         torch.from_numpy(v) for v in spec.example_inputs(_TRACE_BATCH, seed=0).values()
     )
@@ -203,20 +208,38 @@ def _torch_export(model: torch.nn.Module, spec: ModelSpec, path: Path, opset: in
                 model, args, dynamo=True, opset_version=opset, verbose=False,
                 dynamic_shapes=dynamic_shapes, input_names=spec.input_names,
                 output_names=spec.output_names, report=False,
+                custom_translation_table=onnx_ops.custom_translation_table(),
             )
     except AttnserveError:
         raise
     except Exception as e:
+        cause = _user_error_in_chain(e)
+        if cause is not None:  # our own argument checks, raised while tracing
+            raise ExportError(f"{spec.name} ({spec.config}) cannot be exported: {cause}") from None
         raise ExportError(
             f"torch.onnx.export failed for {spec.name} ({spec.config}): {_first_line(e)}"
         ) from e
-    if getattr(program.model, "ir_version", MAX_IR_VERSION) > MAX_IR_VERSION:
-        program.model.ir_version = MAX_IR_VERSION
-    program.save(str(path), external_data=True)
+    try:
+        proto = onnx_ops.finish_custom_ops(program.model_proto, custom_ops)
+    except ValueError as e:
+        raise ExportError(f"{spec.name}: {e}") from None
+    proto.ir_version = min(proto.ir_version, MAX_IR_VERSION)
+    onnx.save_model(proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=path.name + ".data", size_threshold=1024)
     try:
         onnx.checker.check_model(str(path), full_check=True)
     except onnx.checker.ValidationError as e:
         raise ExportError(f"the exported graph of {spec.name} is not valid ONNX: {_first_line(e)}") from None
+
+
+def _user_error_in_chain(e: BaseException) -> AttnserveError | None:
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, AttnserveError):
+            return e
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return None
 
 
 def _with_float_dtype(spec: ModelSpec, dtype: str) -> ModelSpec:

@@ -1,0 +1,7 @@
+"""The attnserve custom ops: one computation, four faces (torch, ONNX, ONNX Runtime, GPU
+kernels), all held to the NumPy references in `attnserve.ops.reference`."""
+
+from attnserve.ops.grid_sample import affine_grid_sample, grid_sample
+from attnserve.ops.window_attention import window_attention
+
+__all__ = ["affine_grid_sample", "grid_sample", "window_attention"]
