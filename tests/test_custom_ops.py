@@ -27,6 +27,7 @@ WINDOW_CASES = {
     "swin-shifted": ((2, 8, 8, 4), dict(window=(4, 4), shift=(2, 2)), (2, 16, 16), (4, 16, 16)),
     "mask-only": ((2, 8, 8, 4), dict(window=(4, 4), shift=(2, 2)), None, (4, 16, 16)),
     "rect-window": ((1, 6, 8, 4), dict(window=(3, 4), shift=(1, 2)), None, None),
+    "shifted-causal": ((2, 6, 6, 4), dict(window=(2, 3), shift=(1, 2), causal=True), (2, 6, 6), (6, 6, 6)),
     "1d-blocks": ((3, 12, 4), dict(window=(4,)), (3, 4, 4), None),
     "image-transformer-1d": ((2, 12, 4), dict(window=(4,), memory_before=(4,), causal=True), None, None),
     "image-transformer-2d": ((2, 8, 8, 4), dict(window=(4, 4), memory_before=(2, 2), memory_after=(0, 2),
@@ -176,6 +177,7 @@ def test_op_names_are_not_onnx_names():
         (lambda: grid_sample(torch.zeros(1, 3, 4, 4), torch.zeros(1, 2, 2, 2), mode="bicubic"), "mode must be"),
         (lambda: grid_sample(torch.zeros(1, 3, 4, 4), torch.zeros(1, 2, 2, 2), padding_mode="wrap"), "padding_mode"),
         (lambda: affine_grid_sample(torch.zeros(1, 3, 4, 4), torch.zeros(1, 3, 4), (2, 2)), r"theta of shape \(N, 2, 3\)"),
+        (lambda: affine_grid_sample(torch.zeros(2, 3, 4, 4), torch.zeros(1, 2, 3), (2, 2)), "theta batch 1 differs"),
     ],
 )
 def test_bad_arguments_are_one_clear_error(call, message):

@@ -51,6 +51,35 @@ def test_graph_is_valid_with_a_dynamic_batch_axis(name, exported_tiny):
     assert report.passed, report.failures()
 
 
+CUSTOM_OP_MODELS = [n for n in list_models() if registry.get_entry(n).custom_ops]
+
+
+@pytest.mark.parametrize("name", CUSTOM_OP_MODELS)
+def test_custom_op_models_carry_their_ops_and_functions(name, exported_tiny):
+    model = onnx.load(str(exported_tiny(name).onnx_path), load_external_data=False)
+    declared = set(registry.get_entry(name).custom_ops)
+    used = {n.op_type for n in model.graph.node if n.domain == "attnserve"}
+    assert used and used <= declared
+    overloads = {(f.name, f.overload) for f in model.functions}
+    assert all((n.op_type, n.overload) in overloads for n in model.graph.node if n.domain == "attnserve")
+
+
+@pytest.mark.parametrize(("name", "config"), [(n, "tiny") for n in CUSTOM_OP_MODELS] + [("stn", "tiny_tps")])
+def test_custom_op_models_also_export_with_standard_ops_only(name, config, tmp_path):
+    result = export_onnx(name, tmp_path / name, config=config, custom_ops=False)
+    assert result.passed
+    model = onnx.load(str(result.onnx_path), load_external_data=False)
+    assert not model.functions and all(n.domain != "attnserve" for n in model.graph.node)
+    assert json.loads((tmp_path / name / "attnserve.json").read_text())["custom_ops"] is False
+
+
+def test_stn_tps_exports_its_sampler(tmp_path):
+    result = export_onnx("stn", tmp_path / "tps", config="tiny_tps")
+    assert result.passed
+    model = onnx.load(str(result.onnx_path), load_external_data=False)
+    assert [n.op_type for n in model.graph.node if n.domain == "attnserve"] == ["GridSampler"]
+
+
 def test_convolutional_models_take_other_image_sizes(exported_tiny):
     result = exported_tiny("se_resnet")
     spec = get_spec("se_resnet")

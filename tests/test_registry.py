@@ -17,11 +17,12 @@ PAPER_PARAMS_M = {
     ("deit", "ti_distilled"): 5.91, ("deit", "s_distilled"): 22.44,
     ("cait", "xxs24"): 11.96, ("cait", "s24"): 46.92,
     ("se_resnet", "resnet50"): 28.09,
+    ("swin", "t"): 28.29, ("swin", "s"): 49.61, ("swin", "b"): 87.77,
 }
 
 
 def test_registry_lists_the_spine_models():
-    assert {"vit", "deit", "cait", "se_resnet", "cbam_resnet"} <= set(list_models())
+    assert {"vit", "deit", "cait", "se_resnet", "cbam_resnet", "swin", "stn"} <= set(list_models())
 
 
 @pytest.mark.parametrize("name", list_models())

@@ -29,6 +29,7 @@ CASES = {
     "deit_tiny_distilled_patch16_224": ("deit", "ti_distilled", {}),
     "cait_xxs24_224": ("cait", "xxs24", {}),
     "seresnet50": ("se_resnet", "resnet50", {}),
+    "swin_tiny_patch4_window7_224": ("swin", "t", {}),
 }
 
 pytestmark = [
@@ -60,3 +61,24 @@ def test_every_model_with_a_foreign_format_has_a_case():
     covered = {name for name, _, _ in CASES.values()}
     foreign = {n for n in list_models() if get_entry(n).checkpoint_formats}
     assert foreign <= covered, f"no reference case for {sorted(foreign - covered)}"
+
+
+def test_original_swin_layout_is_mapped(reference_dir, tmp_path):
+    """The authors' checkpoints keep patch merging at the end of the previous stage and
+    the head unwrapped; rewrite timm's weights that way and load them."""
+    import re
+
+    from safetensors.torch import load_file, save_file
+
+    sd = load_file(str(reference_dir / "swin_tiny_patch4_window7_224.safetensors"))
+    original = {}
+    for k, v in sd.items():
+        k = re.sub(r"^layers\.(\d+)\.downsample", lambda m: f"layers.{int(m.group(1)) - 1}.downsample", k)
+        original[k.replace("head.fc.", "head.")] = v.contiguous()
+    assert "layers.0.downsample.reduction.weight" in original and "head.weight" in original
+    save_file(original, str(tmp_path / "original.safetensors"))
+    model = create_model("swin", "t", checkpoint=str(tmp_path / "original.safetensors"))
+    data = np.load(reference_dir / "swin_tiny_patch4_window7_224.npz")
+    with torch.inference_mode():
+        logits = model(torch.from_numpy(data["images"])).numpy()
+    assert np.abs(logits - data["logits"]).max() <= 1e-5

@@ -33,10 +33,13 @@ def main() -> None:
         else:
             model = timm.create_model(name, pretrained=False).eval()
         # Random init leaves some parameters at constants (zero-init BN gammas, LayerScale
-        # 1e-5); perturb every float tensor so that each one affects the output.
+        # 1e-5); perturb every saved float tensor so that each one affects the output.
+        # Only what the state dict holds: non-persistent buffers (Swin's attention masks)
+        # are rebuilt by the loading side, so changing them here would fake a mismatch.
         with torch.no_grad():
-            for t in list(model.parameters()) + [b for b in model.buffers() if b.is_floating_point()]:
-                t.add_(torch.randn_like(t) * 0.02)
+            for t in model.state_dict().values():
+                if t.is_floating_point():
+                    t.add_(torch.randn_like(t) * 0.02)
             for m in model.modules():
                 if isinstance(m, torch.nn.BatchNorm2d):
                     m.running_var.abs_().add_(0.5)

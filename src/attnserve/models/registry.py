@@ -37,6 +37,8 @@ class ModelEntry:
         checkpoint_filter: maps a foreign state dict (timm, torchvision, ...) onto this
             model's keys; None when only native checkpoints exist.
         checkpoint_formats: names of the foreign layouts the filter understands.
+        custom_ops: the attnserve ONNX ops its export may contain (the catalog's "custom
+            op" column); tests check the exported graphs against it.
     """
 
     name: str
@@ -46,6 +48,7 @@ class ModelEntry:
     paper: str
     checkpoint_filter: CheckpointFilter | None = None
     checkpoint_formats: tuple[str, ...] = ()
+    custom_ops: tuple[str, ...] = ()
 
     @property
     def task(self) -> str:
@@ -91,6 +94,7 @@ def register_model(
     paper: str,
     checkpoint_filter: CheckpointFilter | None = None,
     checkpoint_formats: tuple[str, ...] = (),
+    custom_ops: tuple[str, ...] = (),
 ) -> Callable[[type[nn.Module]], type[nn.Module]]:
     """Class decorator that registers an architecture under `name`."""
     if "tiny" not in configs:
@@ -100,7 +104,7 @@ def register_model(
         if name in _REGISTRY:
             raise ValueError(f"model {name!r} is registered twice")
         _REGISTRY[name] = ModelEntry(
-            name, cls, dict(configs), spec, paper, checkpoint_filter, checkpoint_formats
+            name, cls, dict(configs), spec, paper, checkpoint_filter, checkpoint_formats, custom_ops
         )
         return cls
 

@@ -54,6 +54,10 @@ def check_theta(x_shape, theta_shape, out_size) -> None:
             f"affine_grid_sample on a {len(x_shape)}-D input needs theta of shape (N, {r}, {r + 1}); "
             f"got {tuple(theta_shape)}"
         )
+    if theta_shape[0] != x_shape[0]:
+        raise AttnserveError(
+            f"affine_grid_sample: theta batch {theta_shape[0]} differs from input batch {x_shape[0]}"
+        )
     if len(out_size) != r or any(int(s) < 1 for s in out_size):
         raise AttnserveError(
             f"affine_grid_sample needs {r} positive output sizes for a {len(x_shape)}-D input; "
@@ -82,8 +86,10 @@ def affine_grid_sample_op(x: torch.Tensor, theta: torch.Tensor, out_size: list[i
                           padding_mode: str, align_corners: bool) -> torch.Tensor:
     check_sampler_args(x.shape, mode, padding_mode)
     check_theta(x.shape, theta.shape, out_size)
-    grid = F.affine_grid(theta.to(x.dtype), [x.shape[0], x.shape[1], *out_size], align_corners=align_corners)
-    return F.grid_sample(x, grid, mode=mode, padding_mode=padding_mode, align_corners=align_corners)
+    # affine_grid has no fp16 CPU kernel; the grid is made in fp32 and sampled in x's dtype.
+    grid = F.affine_grid(theta.float(), [x.shape[0], x.shape[1], *out_size], align_corners=align_corners)
+    return F.grid_sample(x, grid.to(x.dtype), mode=mode, padding_mode=padding_mode,
+                         align_corners=align_corners)
 
 
 @affine_grid_sample_op.register_fake

@@ -237,6 +237,10 @@ def _block_body(b, q, k, v, bias, mask, window, shift, axes, scale) -> str:
 
 def _gathered_body(b, q, k, v, bias, mask, attrs, rank, scale) -> str:
     window, mode = attrs["window"], attrs["mode"]
+    axes = list(range(2, 2 + rank))
+    shift = attrs["shift"]
+    if any(shift):  # causal shifted windows: attend in rolled coordinates
+        q, k, v = (b.roll(t, [-s for s in shift], axes) for t in (q, k, v))
     shape = b.op("Shape", q)
     sizes = [b.dim(shape, 2 + i) for i in range(rank)]  # each (1,)
     positions, valids, extents = [], [], []
@@ -309,7 +313,8 @@ def _gathered_body(b, q, k, v, bias, mask, attrs, rank, scale) -> str:
     neg_inf = b.like(float("-inf"), logits)
     logits = b.op("Where", valid, logits, neg_inf)
     weights = b.op("Unsqueeze", b.op("Softmax", logits, axis=-1), b.ints([-2]))  # (B, h, *S, 1, K)
-    return b.op("Squeeze", b.op("MatMul", weights, vg), b.ints([-2]))  # (B, h, *S, d)
+    out = b.op("Squeeze", b.op("MatMul", weights, vg), b.ints([-2]))  # (B, h, *S, d)
+    return b.roll(out, list(shift), axes) if any(shift) else out
 
 
 def _window_indices(b: _Body, sizes: list[str], window: list[int], rank: int) -> tuple[str, str]:
@@ -331,16 +336,22 @@ def _window_indices(b: _Body, sizes: list[str], window: list[int], rank: int) ->
 
 
 def _grid_sampler_body(b: _Body, inputs: list[str], attrs: dict, rank: int) -> str:
+    # Sampling runs in fp32 whatever the model's precision: coordinates in fp16 are off
+    # by whole pixels on large maps, and ONNX Runtime has no fp16 CPU kernel for it.
     x, grid = inputs
-    return b.op("GridSample", x, b.op("CastLike", grid, x), **_sample_attrs(attrs))
+    f32 = TensorProto.FLOAT
+    y = b.op("GridSample", b.op("Cast", x, to=f32), b.op("Cast", grid, to=f32), **_sample_attrs(attrs))
+    return b.op("CastLike", y, x)
 
 
 def _affine_grid_sampler_body(b: _Body, inputs: list[str], attrs: dict, rank: int) -> str:
     x, theta = inputs
+    f32 = TensorProto.FLOAT
     size = b.op("Concat", b.op("Slice", b.op("Shape", x), b.ints([0]), b.ints([2])),
                 b.ints(attrs["out_size"]), axis=0)
-    grid = b.op("AffineGrid", b.op("CastLike", theta, x), size, align_corners=attrs["align_corners"])
-    return b.op("GridSample", x, grid, **_sample_attrs(attrs))
+    grid = b.op("AffineGrid", b.op("Cast", theta, to=f32), size, align_corners=attrs["align_corners"])
+    y = b.op("GridSample", b.op("Cast", x, to=f32), grid, **_sample_attrs(attrs))
+    return b.op("CastLike", y, x)
 
 
 def _sample_attrs(attrs: dict) -> dict:

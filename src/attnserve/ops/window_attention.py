@@ -217,6 +217,9 @@ def _gathered_attention(q, k, v, bias, mask, a, causal, scale):
     B, H = q.shape[:2]
     spatial = list(q.shape[2:-1])
     r = len(spatial)
+    axes = list(range(2, 2 + r))
+    if any(a["shift"]):  # causal shifted windows: causality holds in rolled raster order
+        q, k, v = (torch.roll(t, [-s for s in a["shift"]], dims=axes) for t in (q, k, v))
     positions, valid = key_index_tables(spatial, a, causal, q.device)
     if r == 1:
         kg, vg = k[:, :, positions[0]], v[:, :, positions[0]]  # (B, h, S, K, d)
@@ -235,7 +238,8 @@ def _gathered_attention(q, k, v, bias, mask, a, causal, scale):
     if mask is not None:
         logits = logits + _block_table(mask, spatial, a["window"], per_window=True)
     logits = logits.masked_fill(~valid, float("-inf"))
-    return (logits.softmax(dim=-1).unsqueeze(-1) * vg).sum(-2)  # (B, h, *S, d)
+    out = (logits.softmax(dim=-1).unsqueeze(-1) * vg).sum(-2)  # (B, h, *S, d)
+    return torch.roll(out, list(a["shift"]), dims=axes) if any(a["shift"]) else out
 
 
 def _block_table(table, spatial, window, per_window: bool):
