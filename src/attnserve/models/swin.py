@@ -11,8 +11,8 @@ linear 4C -> 2C). Window attention is the `attnserve::window_attention` op, so t
 export carries one WindowAttention node per block. Maps that the window does not divide
 are padded bottom/right with zeros, then shifted, and cropped after attention, as the
 authors' detection code does (timm shifts before padding; the two agree whenever the
-window divides the map, as at every paper configuration). Names follow timm's `swin_*` checkpoints; the original Microsoft layout is mapped
-by `checkpoint_filter`.
+window divides the map, as at every paper configuration). Names follow timm's `swin_*`
+checkpoints; the original Microsoft layout is mapped by `checkpoint_filter`.
 """
 
 from __future__ import annotations
