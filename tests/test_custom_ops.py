@@ -200,3 +200,40 @@ def test_custom_ops_need_opset_20(tmp_path):
                      (TensorSpec("y", "float32", ("batch", 2, 8, 4)),))
     with pytest.raises(ExportError, match="need opset 20"):
         _torch_export(module, spec, tmp_path / "m.onnx", 18)
+
+
+LOWERABLE = ["swin", "swin-shifted", "mask-only", "rect-window", "1d-blocks"]
+
+
+@pytest.mark.parametrize("case", LOWERABLE)
+def test_onnxruntime_fused_attention_path_matches_the_reference(case, tmp_path):
+    from attnserve.runtime.ort import OrtRunner
+
+    shape, kw, bias_shape, mask_shape = WINDOW_CASES[case]
+    module = _WindowModule(shape, kw, _bias(bias_shape, 1, shape), _bias(mask_shape, 1, shape)).eval()
+    n = int(np.prod(shape))
+    spec = ModelSpec("w", "t", "test", (TensorSpec("x", "float32", ("batch", n)),),
+                     (TensorSpec("y", "float32", ("batch", *shape)),))
+    _torch_export(module, spec, tmp_path / "m.onnx", 20, True)
+    x = RNG.standard_normal((3, n)).astype(np.float32)
+    q = x.reshape(3, *shape)
+    bias = None if module.bias is None else module.bias.detach().numpy()
+    mask = None if module.mask is None else module.mask.numpy()
+    want = reference.window_attention(q, np.flip(q, -1), q * 0.5, rel_pos_bias=bias, mask=mask, **kw)
+    with OrtRunner(tmp_path / "m.onnx") as fused, OrtRunner(tmp_path / "m.onnx", fused_custom_ops=False) as plain:
+        assert fused.lowered_nodes == 1 and plain.lowered_nodes == 0
+        np.testing.assert_allclose(fused.run({"x": x})["y"], want, atol=2e-5)
+        np.testing.assert_allclose(plain.run({"x": x})["y"], want, atol=2e-5)
+
+
+def test_the_fused_path_leaves_other_windows_alone(tmp_path):
+    from attnserve.runtime.ort import OrtRunner
+
+    shape, kw, _, _ = WINDOW_CASES["image-transformer-1d"]
+    module = _WindowModule(shape, kw, None, None).eval()
+    n = int(np.prod(shape))
+    spec = ModelSpec("w", "t", "test", (TensorSpec("x", "float32", ("batch", n)),),
+                     (TensorSpec("y", "float32", ("batch", *shape)),))
+    _torch_export(module, spec, tmp_path / "m.onnx", 20, True)
+    with OrtRunner(tmp_path / "m.onnx") as runner:
+        assert runner.lowered_nodes == 0
