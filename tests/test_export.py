@@ -73,6 +73,13 @@ def test_custom_op_models_also_export_with_standard_ops_only(name, config, tmp_p
     assert json.loads((tmp_path / name / "attnserve.json").read_text())["custom_ops"] is False
 
 
+@pytest.mark.parametrize("custom_ops", [True, False])
+def test_swin_pads_maps_the_window_does_not_divide(custom_ops, tmp_path):
+    # 36 px / patch 2 = 18 x 18, not a multiple of the window 4: padded to 20, then 10 x 10.
+    result = export_onnx("swin", tmp_path / "swin", img_size=36, custom_ops=custom_ops)
+    assert result.passed and result.spec.inputs[0].shape == ("batch", 3, 36, 36)
+
+
 def test_stn_tps_exports_its_sampler(tmp_path):
     result = export_onnx("stn", tmp_path / "tps", config="tiny_tps")
     assert result.passed

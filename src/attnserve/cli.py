@@ -50,15 +50,16 @@ def models_cmd(
     if as_json:
         print(json.dumps([
             {"name": e.name, "task": e.task, "configs": list(e.configs), "paper": e.paper,
-             "checkpoint_formats": list(e.checkpoint_formats)}
+             "checkpoint_formats": list(e.checkpoint_formats), "custom_ops": list(e.custom_ops)}
             for e in entries
         ], indent=2))
         return
     table = Table(title=f"{len(entries)} models")
-    for col in ("name", "task", "configs", "checkpoints"):
+    for col in ("name", "task", "configs", "checkpoints", "custom ops"):
         table.add_column(col)
     for e in entries:
-        table.add_row(e.name, e.task, ", ".join(e.configs), ", ".join(e.checkpoint_formats) or "native")
+        table.add_row(e.name, e.task, ", ".join(e.configs), ", ".join(e.checkpoint_formats) or "native",
+                      ", ".join(e.custom_ops) or "-")
     console.print(table)
 
 
