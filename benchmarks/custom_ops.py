@@ -67,10 +67,10 @@ def main() -> None:
         export_onnx("swin", tmp / "swin-plain", config="t", custom_ops=False)
         runners = {
             "torch": TorchRunner(model, spec, threads=args.threads),
-            "ort functions": OrtRunner(tmp / "swin-custom" / "model.onnx", threads=args.threads,
-                                       fused_custom_ops=False),
+            "ort functions": OrtRunner(tmp / "swin-custom" / "model.onnx", threads=args.threads),
             "ort inlined": OrtRunner(tmp / "swin-plain" / "model.onnx", threads=args.threads),
-            "ort fused MHA": OrtRunner(tmp / "swin-custom" / "model.onnx", threads=args.threads),
+            "ort fused MHA": OrtRunner(tmp / "swin-custom" / "model.onnx", threads=args.threads,
+                                       fused_custom_ops=True),
         }
         result = benchmark_runners(runners, spec, (1, 8), iterations=args.iterations, warmup=3,
                                    threads=args.threads)

@@ -220,7 +220,7 @@ def test_onnxruntime_fused_attention_path_matches_the_reference(case, tmp_path):
     bias = None if module.bias is None else module.bias.detach().numpy()
     mask = None if module.mask is None else module.mask.numpy()
     want = reference.window_attention(q, np.flip(q, -1), q * 0.5, rel_pos_bias=bias, mask=mask, **kw)
-    with OrtRunner(tmp_path / "m.onnx") as fused, OrtRunner(tmp_path / "m.onnx", fused_custom_ops=False) as plain:
+    with OrtRunner(tmp_path / "m.onnx", fused_custom_ops=True) as fused, OrtRunner(tmp_path / "m.onnx") as plain:
         assert fused.lowered_nodes == 1 and plain.lowered_nodes == 0
         np.testing.assert_allclose(fused.run({"x": x})["y"], want, atol=2e-5)
         np.testing.assert_allclose(plain.run({"x": x})["y"], want, atol=2e-5)
@@ -235,5 +235,5 @@ def test_the_fused_path_leaves_other_windows_alone(tmp_path):
     spec = ModelSpec("w", "t", "test", (TensorSpec("x", "float32", ("batch", n)),),
                      (TensorSpec("y", "float32", ("batch", *shape)),))
     _torch_export(module, spec, tmp_path / "m.onnx", 20, True)
-    with OrtRunner(tmp_path / "m.onnx") as runner:
+    with OrtRunner(tmp_path / "m.onnx", fused_custom_ops=True) as runner:
         assert runner.lowered_nodes == 0

@@ -170,9 +170,8 @@ def check_parity(
     from attnserve.runtime.torch_runner import TorchRunner
 
     reports = []
-    # The function bodies as stored, which every runtime runs; ONNX Runtime's fused path
-    # is checked by the runtime tests.
-    with OrtRunner(onnx_path, fused_custom_ops=False) as onnx_runner:
+    # The function bodies as stored, which every runtime runs.
+    with OrtRunner(onnx_path) as onnx_runner:
         reference = TorchRunner(model, spec)
         for batch in batch_sizes:
             feed = spec.example_inputs(batch, seed=seed + batch)

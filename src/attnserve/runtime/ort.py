@@ -45,14 +45,15 @@ class OrtRunner(Runner):
             provider this onnxruntime build lacks raises BackendUnavailableError.
         threads: intra-op threads (0: ONNX Runtime's default, one per core).
         fused_custom_ops: run the attnserve ops that ONNX Runtime has fused kernels for
-            on those kernels (see `ort_lowering`); False runs the models' own function
-            bodies, as any runtime would.
+            on those kernels (see `ort_lowering`). Off by default: on 2 CPU cores it
+            measured no faster than the function bodies for Swin-T (benchmarks/
+            custom_ops.py); it is there to measure on other hardware (CUDA EP).
     """
 
     backend = "ort"
 
     def __init__(self, path: str | Path, device: str = "cpu", threads: int = 0,
-                 fused_custom_ops: bool = True):
+                 fused_custom_ops: bool = False):
         import onnxruntime as ort
 
         if device not in _PROVIDERS:

@@ -11,6 +11,11 @@ overloads it can express with them, at load time, leaving the file on disk uncha
 
 Other overloads (memory blocks, causal, sliding windows) and the samplers keep their
 bodies: the samplers' bodies are already ONNX Runtime's own GridSample kernel.
+
+Measured on 2 CPU cores (benchmarks/custom_ops.py), Swin-T at batch 1 and 8 ran 0.96x
+and 0.97x as fast as the plain bodies: the window gathering and bias expansion around
+the fused kernel cost what it saves at N = 49 tokens. So the pass is opt-in
+(`OrtRunner(fused_custom_ops=True)`), kept for the CUDA EP, where it is unmeasured.
 """
 
 from __future__ import annotations
