@@ -45,3 +45,10 @@ def test_top1_agreement_counts_rows():
     a = {"y": np.array([[1, 0], [0, 1], [1, 0], [0, 1]], np.float32)}
     b = {"y": np.array([[1, 0], [0, 1], [0, 1], [1, 0]], np.float32)}
     assert compare_outputs(a, b, TOL, classes_last_axis=True).outputs[0].top1_agreement == 0.5
+
+
+def test_matching_infinities_are_equal_and_mismatched_ones_fail():
+    a = {"bias": np.array([0.0, -np.inf, 1.0])}
+    assert compare_outputs(a, {"bias": np.array([0.0, -np.inf, 1.0])}, TOL).passed
+    assert not compare_outputs(a, {"bias": np.array([0.0, 0.0, 1.0])}, TOL).passed
+    assert not compare_outputs(a, {"bias": np.array([0.0, np.inf, 1.0])}, TOL).passed

@@ -119,10 +119,14 @@ def _compare_one(name, want, got, tol: Tolerance, classes_last_axis: bool) -> Ou
     if not np.isfinite(g).all() and np.isfinite(w).all():
         bad = int((~np.isfinite(g)).sum())
         return _failed(name, want.shape, f"{bad} non-finite values (NaN or inf)")
-    diff = np.abs(g - w)
-    excess = diff - (tol.atol + tol.rtol * np.abs(w))
-    norm = np.linalg.norm(w) * np.linalg.norm(g)
-    cosine = float(np.dot(w.ravel(), g.ravel()) / norm) if norm > 0 else float(diff.max() == 0)
+    # Equal values count as equal even when infinite (additive masks hold -inf).
+    with np.errstate(invalid="ignore"):
+        diff = np.where(g == w, 0.0, np.abs(g - w))
+        excess = diff - (tol.atol + tol.rtol * np.abs(w))
+    finite = np.isfinite(w) & np.isfinite(g)
+    wf, gf = w[finite], g[finite]
+    norm = np.linalg.norm(wf) * np.linalg.norm(gf)
+    cosine = float(np.dot(wf, gf) / norm) if norm > 0 else float(diff.max() == 0)
     top1 = None
     if classes_last_axis and want.ndim >= 1 and want.shape[-1] > 1:
         top1 = float((w.argmax(-1) == g.argmax(-1)).mean())
@@ -131,7 +135,7 @@ def _compare_one(name, want, got, tol: Tolerance, classes_last_axis: bool) -> Ou
         name=name,
         shape=tuple(want.shape),
         max_abs_error=float(diff.max()),
-        max_rel_error=float((diff / np.maximum(np.abs(w), 1e-12)).max()),
+        max_rel_error=float(np.nan_to_num(diff / np.maximum(np.abs(w), 1e-12), nan=np.inf).max()),
         cosine_similarity=cosine,
         top1_agreement=top1,
         worst_excess=worst,

@@ -50,10 +50,14 @@ class ExportResult:
     spec: ModelSpec
     parity: list[ComparisonReport]
     precision: str
+    # Generative models: part name -> its .onnx, and its parity reports.
+    parts: dict[str, Path] = dataclasses.field(default_factory=dict)
+    part_parity: dict[str, list[ComparisonReport]] = dataclasses.field(default_factory=dict)
 
     @property
     def passed(self) -> bool:
-        return all(r.passed for r in self.parity)
+        reports = self.parity + [r for rs in self.part_parity.values() for r in rs]
+        return all(r.passed for r in reports)
 
 
 def export_onnx(
@@ -108,12 +112,29 @@ def export_onnx(
     staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=out_dir))
     try:
         onnx_path = staging / ONNX_NAME
-        _torch_export(copy.deepcopy(model).half() if fp16 else model, graph_spec, onnx_path, opset,
-                      custom_ops)
+        export_model = copy.deepcopy(model).half() if fp16 else model
+        _torch_export(export_model, graph_spec, onnx_path, opset, custom_ops)
         reports = check_parity(model, spec, onnx_path, precision, parity_batch_sizes)
-        passed = all(r.passed for r in reports)
+        part_reports, part_manifest = {}, {}
+        if hasattr(model, "export_parts"):  # generative models: encoder + decoder step
+            exported_parts = export_model.export_parts()
+            for part, (module, part_spec) in model.export_parts().items():
+                part_graph_spec = _with_float_dtype(part_spec, "float16") if fp16 else part_spec
+                part_path = staging / part / ONNX_NAME
+                part_path.parent.mkdir()
+                _torch_export(exported_parts[part][0], part_graph_spec, part_path, opset, custom_ops)
+                part_reports[part] = check_parity(module, part_spec, part_path, precision, parity_batch_sizes)
+                part_manifest[part] = {
+                    "onnx": f"{part}/{ONNX_NAME}", "spec": part_graph_spec.to_dict(),
+                    "parity_passed": all(r.passed for r in part_reports[part]),
+                }
+        passed = all(r.passed for r in reports + [r for rs in part_reports.values() for r in rs])
         if not passed and not allow_mismatch:
-            failures = "; ".join(f"{r.label}: {', '.join(r.failures())}" for r in reports if not r.passed)
+            labelled = [(f"{part} {r.label}", r) for part, rs in part_reports.items() for r in rs]
+            failures = "; ".join(
+                f"{label}: {', '.join(r.failures())}"
+                for label, r in [(r.label, r) for r in reports] + labelled if not r.passed
+            )
             raise ParityError(
                 f"{name} ({config_name}, {precision}) differs from the eager model on ONNX "
                 f"Runtime beyond tolerance ({failures}); nothing was written. Pass "
@@ -125,6 +146,7 @@ def export_onnx(
             "precision": precision,
             "backend": "onnxruntime-cpu",
             "reports": [r.to_dict() for r in reports],
+            "parts": {part: [r.to_dict() for r in rs] for part, rs in part_reports.items()},
         })
         manifest = {
             "format": 1,
@@ -139,6 +161,8 @@ def export_onnx(
             "custom_ops": custom_ops,
             "parity_passed": passed,
             "spec": graph_spec.to_dict(),
+            "parts": part_manifest,
+            "generation": dataclasses.asdict(model.generation_config()) if part_manifest else None,
             "versions": {"attnserve": __version__, "torch": torch.__version__, "onnx": onnx.__version__},
         }
         _write_json(staging / MANIFEST_NAME, manifest)
@@ -148,8 +172,11 @@ def export_onnx(
         if stale.exists() and not (staging / stale.name).exists():
             stale.unlink()
         for f in sorted(staging.iterdir()):
+            if (out_dir / f.name).is_dir():
+                shutil.rmtree(out_dir / f.name)
             os.replace(f, out_dir / f.name)
-        return ExportResult(out_dir, final_path, graph_spec, reports, precision)
+        parts = {part: out_dir / entry["onnx"] for part, entry in part_manifest.items()}
+        return ExportResult(out_dir, final_path, graph_spec, reports, precision, parts, part_reports)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
         if not any(out_dir.iterdir()):
@@ -185,7 +212,7 @@ def check_parity(
             expected = reference.run(feed)
             reports.append(compare_outputs(
                 expected, actual, spec.tolerance(precision),
-                classes_last_axis=spec.task.endswith("classification"),
+                classes_last_axis=spec.task.endswith("classification") or spec.task == "translation",
                 label=f"batch {batch}",
             ))
     return reports
@@ -197,11 +224,12 @@ def _torch_export(model: torch.nn.Module, spec: ModelSpec, path: Path, opset: in
         torch.from_numpy(v) for v in spec.example_inputs(_TRACE_BATCH, seed=0).values()
     )
     dims: dict[str, torch.export.Dim] = {}
-    dynamic_shapes = {
-        t.name: {axis: dims.setdefault(d, torch.export.Dim(d, min=1, max=65536))
-                 for axis, d in t.dynamic_axes.items()} or None
+    # Positional, in the spec's input order: forward's parameter names need not match.
+    dynamic_shapes = tuple(
+        {axis: dims.setdefault(d, torch.export.Dim(d, min=1, max=65536))
+         for axis, d in t.dynamic_axes.items()} or None
         for t in spec.inputs
-    }
+    )
     try:
         with warnings.catch_warnings(), explicit_attention():
             warnings.simplefilter("ignore")

@@ -115,11 +115,16 @@ def custom_translation_table() -> dict:
             align_corners=int(align_corners), plugin_namespace=PLUGIN_NAMESPACE,
         )
 
+    from onnxscript import opset18
+
+    from attnserve.ops import recurrent
+
     ops = torch.ops.attnserve
     return {
         ops.window_attention.default: window_attention,
         ops.grid_sample.default: grid_sample,
         ops.affine_grid_sample.default: affine_grid_sample,
+        ops.gru_layer.default: recurrent.onnx_translation(opset18),
     }
 
 

@@ -49,4 +49,37 @@ def load(path: str | Path, backend: str = "ort", device: str = "cpu", threads: i
     raise BackendUnavailableError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
 
 
-__all__ = ["BACKENDS", "Runner", "load"]
+def load_generator(path: str | Path, backend: str = "ort", device: str = "cpu", threads: int = 0):
+    """Open a generative model's two parts: returns (encoder, decoder_step, config) for
+    `attnserve.runtime.generate.greedy_search` / `beam_search`.
+
+    `backend="torch"` rebuilds the eager model from the manifest (same weights), the
+    reference the exported parts are compared with token for token.
+    """
+    from attnserve.runtime.generate import GenerationConfig
+
+    artifact = read_artifact(path)
+    m = artifact.manifest or {}
+    if not m.get("parts") or not m.get("generation"):
+        raise AttnserveError(f"{path} is not a generative model export (no encoder and decoder-step parts)")
+    g = m["generation"]
+    config = GenerationConfig(**{**g, "static": tuple(g["static"]), "state": tuple(g["state"])})
+    if backend == "ort":
+        from attnserve.runtime.ort import OrtRunner
+
+        root = artifact.onnx_path.parent
+        return (OrtRunner(root / m["parts"]["encoder"]["onnx"], device=device, threads=threads),
+                OrtRunner(root / m["parts"]["decoder_step"]["onnx"], device=device, threads=threads), config)
+    if backend == "torch":
+        from attnserve.models import create_model
+        from attnserve.runtime.torch_runner import TorchRunner
+
+        model = create_model(m["model"], m["config"], m.get("checkpoint"), seed=m.get("seed", 0),
+                             **(m.get("overrides") or {}))
+        parts = model.export_parts()
+        return (TorchRunner(*parts["encoder"], threads=threads),
+                TorchRunner(*parts["decoder_step"], threads=threads), config)
+    raise BackendUnavailableError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+
+
+__all__ = ["BACKENDS", "Runner", "load", "load_generator"]
