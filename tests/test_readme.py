@@ -14,10 +14,11 @@ def test_python_example_runs(tmp_path, monkeypatch):
     blocks = re.findall(r"```python\n(.*?)```", README, flags=re.S)
     assert blocks, "the README has a Python example"
     monkeypatch.chdir(tmp_path)
-    for block in blocks:
-        scope: dict = {}
+    scope: dict = {}
+    for block in blocks:  # in order, as a reader would paste them
         exec(compile(block, "README.md", "exec"), scope)
     assert scope["logits"].shape == (4, 10)
+    assert scope["best"].tokens and len(scope["best"].attention) == len(scope["best"].tokens)
 
 
 @pytest.mark.parametrize("line", re.findall(r"^attnserve (\w[\w-]*)", README, flags=re.M))
