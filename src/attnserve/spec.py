@@ -171,6 +171,22 @@ class ModelSpec:
         )
 
 
+def image_classifier(
+    *, dynamic_size: bool = False, mean: tuple[float, ...] = (0.485, 0.456, 0.406),
+    std: tuple[float, ...] = (0.229, 0.224, 0.225),
+):
+    """The spec function of an image classifier whose config has img_size, in_chans
+    and num_classes (for `register_model(spec=...)`)."""
+
+    def spec_fn(name: str, config_name: str, cfg) -> ModelSpec:
+        return image_classification_spec(
+            name, config_name, img_size=cfg.img_size, in_chans=cfg.in_chans,
+            num_classes=cfg.num_classes, dynamic_size=dynamic_size, mean=mean, std=std,
+        )
+
+    return spec_fn
+
+
 def image_classification_spec(
     name: str,
     config: str,

@@ -17,7 +17,7 @@ from functools import partial
 
 from attnserve.models.layers import Cbam, ResNet, SqueezeExcite
 from attnserve.models.registry import register_model
-from attnserve.spec import image_classification_spec
+from attnserve.spec import image_classifier
 
 
 @dataclass(frozen=True)
@@ -54,17 +54,10 @@ CONFIGS = {
 }
 
 
-def resnet_spec(name: str, config_name: str, cfg: AttentionResNetConfig):
-    return image_classification_spec(
-        name, config_name, img_size=cfg.img_size, in_chans=cfg.in_chans,
-        num_classes=cfg.num_classes, dynamic_size=True,
-    )
-
-
 register_model(
     "se_resnet",
     configs=CONFIGS,
-    spec=resnet_spec,
+    spec=image_classifier(dynamic_size=True),  # global pooling: any image size
     paper="Hu et al., Squeeze-and-Excitation Networks, CVPR 2018",
     checkpoint_formats=("timm seresnet50",),  # timm's layout is ours: no filter needed
 )(SEResNet)
@@ -72,6 +65,6 @@ register_model(
 register_model(
     "cbam_resnet",
     configs=CONFIGS,
-    spec=resnet_spec,
+    spec=image_classifier(dynamic_size=True),
     paper="Woo et al., CBAM: Convolutional Block Attention Module, ECCV 2018",
 )(CbamResNet)

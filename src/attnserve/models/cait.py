@@ -21,7 +21,7 @@ from torch import nn
 from attnserve.models import vit
 from attnserve.models.layers import ClassAttention, Mlp, PatchEmbed, TalkingHeadAttention
 from attnserve.models.registry import register_model
-from attnserve.spec import image_classification_spec
+from attnserve.spec import image_classifier
 
 
 @dataclass(frozen=True)
@@ -41,36 +41,37 @@ class CaiTConfig:
     norm_eps: float = 1e-6
 
 
-class LayerScaleBlock(nn.Module):
-    """x + diag(gamma_1) TalkingHeadAttn(LN(x)), then x + diag(gamma_2) MLP(LN(x))."""
+class _LayerScaleBlock(nn.Module):
+    """Pre-norm attention and MLP branches, each scaled per channel by a learned
+    LayerScale vector (gamma_1, gamma_2)."""
 
-    def __init__(self, cfg: CaiTConfig):
+    def __init__(self, cfg: CaiTConfig, attn_cls: type[nn.Module]):
         super().__init__()
         dim = cfg.embed_dim
         self.norm1 = nn.LayerNorm(dim, eps=cfg.norm_eps)
-        self.attn = TalkingHeadAttention(dim, cfg.num_heads, cfg.qkv_bias)
+        self.attn = attn_cls(dim, cfg.num_heads, cfg.qkv_bias)
         self.norm2 = nn.LayerNorm(dim, eps=cfg.norm_eps)
         self.mlp = Mlp(dim, int(dim * cfg.mlp_ratio))
         self.gamma_1 = nn.Parameter(cfg.init_values * torch.ones(dim))
         self.gamma_2 = nn.Parameter(cfg.init_values * torch.ones(dim))
+
+
+class LayerScaleBlock(_LayerScaleBlock):
+    """x + diag(gamma_1) TalkingHeadAttn(LN(x)), then x + diag(gamma_2) MLP(LN(x))."""
+
+    def __init__(self, cfg: CaiTConfig):
+        super().__init__(cfg, TalkingHeadAttention)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.gamma_1 * self.attn(self.norm1(x))
         return x + self.gamma_2 * self.mlp(self.norm2(x))
 
 
-class ClassAttentionBlock(nn.Module):
+class ClassAttentionBlock(_LayerScaleBlock):
     """Updates the class token only: attention over [cls, patches], then an MLP on cls."""
 
     def __init__(self, cfg: CaiTConfig):
-        super().__init__()
-        dim = cfg.embed_dim
-        self.norm1 = nn.LayerNorm(dim, eps=cfg.norm_eps)
-        self.attn = ClassAttention(dim, cfg.num_heads, cfg.qkv_bias)
-        self.norm2 = nn.LayerNorm(dim, eps=cfg.norm_eps)
-        self.mlp = Mlp(dim, int(dim * cfg.mlp_ratio))
-        self.gamma_1 = nn.Parameter(cfg.init_values * torch.ones(dim))
-        self.gamma_2 = nn.Parameter(cfg.init_values * torch.ones(dim))
+        super().__init__(cfg, ClassAttention)
 
     def forward(self, x: torch.Tensor, cls: torch.Tensor) -> torch.Tensor:
         u = torch.cat([cls, x], dim=1)  # (B, 1 + N, D)
@@ -120,17 +121,10 @@ CONFIGS = {
 }
 
 
-def cait_spec(name: str, config_name: str, cfg: CaiTConfig):
-    return image_classification_spec(
-        name, config_name, img_size=cfg.img_size, in_chans=cfg.in_chans,
-        num_classes=cfg.num_classes, dynamic_size=False,
-    )
-
-
 register_model(
     "cait",
     configs=CONFIGS,
-    spec=cait_spec,
+    spec=image_classifier(),
     paper="Touvron et al., Going deeper with Image Transformers, ICCV 2021",
     checkpoint_filter=vit.checkpoint_filter,
     checkpoint_formats=("timm cait_*",),

@@ -18,7 +18,7 @@ from torch import nn
 
 from attnserve.models import vit
 from attnserve.models.registry import register_model
-from attnserve.spec import image_classification_spec
+from attnserve.spec import image_classifier
 
 
 @dataclass(frozen=True)
@@ -67,17 +67,10 @@ CONFIGS = {
 }
 
 
-def deit_spec(name: str, config_name: str, cfg: DeiTConfig):
-    return image_classification_spec(
-        name, config_name, img_size=cfg.img_size, in_chans=cfg.in_chans,
-        num_classes=cfg.num_classes, dynamic_size=False,
-    )
-
-
 register_model(
     "deit",
     configs=CONFIGS,
-    spec=deit_spec,
+    spec=image_classifier(),
     paper="Touvron et al., Training data-efficient image transformers, ICML 2021",
     checkpoint_filter=vit.checkpoint_filter,
     checkpoint_formats=("timm deit_*", "timm deit_*_distilled"),

@@ -26,7 +26,7 @@ from torch import nn
 
 from attnserve.models.registry import register_model
 from attnserve.ops import affine_grid_sample, grid_sample
-from attnserve.spec import image_classification_spec
+from attnserve.spec import image_classifier
 
 
 @dataclass(frozen=True)
@@ -146,18 +146,10 @@ CONFIGS = {
 }
 
 
-def stn_spec(name: str, config_name: str, cfg: STNConfig):
-    # The fully connected layers fix the input size.
-    return image_classification_spec(
-        name, config_name, img_size=cfg.img_size, in_chans=cfg.in_chans,
-        num_classes=cfg.num_classes, dynamic_size=False, mean=(0.0,), std=(1.0,),
-    )
-
-
 register_model(
     "stn",
     configs=CONFIGS,
-    spec=stn_spec,
+    spec=image_classifier(mean=(0.0,), std=(1.0,)),  # static size: the FC layers fix it
     paper="Jaderberg et al., Spatial Transformer Networks, NeurIPS 2015",
     custom_ops=("AffineGridSampler", "GridSampler"),  # affine / thin-plate spline
 )(SpatialTransformerClassifier)

@@ -27,7 +27,7 @@ from torch import nn
 from attnserve.models.layers import Mlp
 from attnserve.models.registry import register_model
 from attnserve.ops import window_attention
-from attnserve.spec import image_classification_spec
+from attnserve.spec import image_classifier
 
 
 @dataclass(frozen=True)
@@ -230,18 +230,10 @@ CONFIGS = {
 }
 
 
-def swin_spec(name: str, config_name: str, cfg: SwinConfig):
-    # The relative bias and shift masks are built for the configured resolution.
-    return image_classification_spec(
-        name, config_name, img_size=cfg.img_size, in_chans=cfg.in_chans,
-        num_classes=cfg.num_classes, dynamic_size=False,
-    )
-
-
 register_model(
     "swin",
     configs=CONFIGS,
-    spec=swin_spec,
+    spec=image_classifier(),  # static size: bias and shift masks are built for it
     paper="Liu et al., Swin Transformer: Hierarchical Vision Transformer using Shifted Windows, ICCV 2021",
     checkpoint_filter=checkpoint_filter,
     checkpoint_formats=("timm swin_*",),

@@ -20,7 +20,7 @@ from torch import nn
 
 from attnserve.models.layers import Block, PatchEmbed, resample_pos_embed
 from attnserve.models.registry import register_model
-from attnserve.spec import image_classification_spec
+from attnserve.spec import image_classifier
 
 
 @dataclass(frozen=True)
@@ -135,20 +135,12 @@ CONFIGS = {
 }
 
 
-def vit_spec(name: str, config_name: str, cfg: ViTConfig):
-    # The position embedding fixes the patch grid, so the image size is static in the
-    # graph; other sizes are a config (img_size=...) plus interpolation at load time.
-    return image_classification_spec(
-        name, config_name, img_size=cfg.img_size, in_chans=cfg.in_chans,
-        num_classes=cfg.num_classes, dynamic_size=False,
-        mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5),
-    )
-
-
 register_model(
     "vit",
     configs=CONFIGS,
-    spec=vit_spec,
+    # The position embedding fixes the patch grid, so the image size is static in the
+    # graph; other sizes are a config (img_size=...) plus interpolation at load time.
+    spec=image_classifier(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)),
     paper="Dosovitskiy et al., An Image is Worth 16x16 Words, ICLR 2021",
     checkpoint_filter=checkpoint_filter,
     checkpoint_formats=("timm vit_*", "torchvision vit_b_16"),
