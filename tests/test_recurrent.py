@@ -60,3 +60,47 @@ def test_onnx_gru_runs_any_length(seq_len, tmp_path):
         y_ref, h_ref = _Both()(torch.from_numpy(x), torch.from_numpy(lengths))
     np.testing.assert_allclose(y, y_ref.numpy(), atol=1e-5)
     np.testing.assert_allclose(h, h_ref.numpy(), atol=1e-5)
+
+
+LSTM = torch.nn.LSTM(4, 5, num_layers=2, batch_first=True)
+
+
+def _stacked(x, lengths):
+    from attnserve.ops import lstm_layer
+
+    y, h0, c0 = lstm_layer(LSTM, x, lengths, 0)
+    y, h1, c1 = lstm_layer(LSTM, y, lengths, 1)
+    return y, torch.stack([h0, h1]), torch.stack([c0, c1])
+
+
+def test_stacked_lstm_matches_packed_nn_lstm():
+    x = torch.randn(4, 6, 4)
+    y, h, c = _stacked(x, LENGTHS)
+    packed, (h_ref, c_ref) = LSTM(pack_padded_sequence(x, LENGTHS, batch_first=True, enforce_sorted=False))
+    y_ref, _ = pad_packed_sequence(packed, batch_first=True, total_length=6)
+    torch.testing.assert_close(y, y_ref)
+    torch.testing.assert_close(h, h_ref)
+    torch.testing.assert_close(c, c_ref)
+
+
+class _Stacked(torch.nn.Module):
+    def forward(self, x, lengths):
+        return _stacked(x, lengths)
+
+
+@pytest.mark.parametrize("seq_len", [2, 9])
+def test_onnx_lstm_runs_any_length(seq_len, tmp_path):
+    spec = ModelSpec("l", "t", "test",
+                     (TensorSpec("x", "float32", ("batch", "seq", 4)), TensorSpec("lengths", "int64", ("batch",), (1, 7))),
+                     (TensorSpec("y", "float32", ("batch", "seq", 5)), TensorSpec("h", "float32", (2, "batch", 5)),
+                      TensorSpec("c", "float32", (2, "batch", 5))),
+                     default_dims={"seq": 6})
+    _torch_export(_Stacked().eval(), spec, tmp_path / "l.onnx", 20)
+    session = ort.InferenceSession(str(tmp_path / "l.onnx"))
+    x = np.random.default_rng(seq_len).standard_normal((3, seq_len, 4)).astype(np.float32)
+    lengths = np.array([seq_len, 1, max(1, seq_len - 1)], dtype=np.int64)
+    got = session.run(None, {"x": x, "lengths": lengths})
+    with torch.no_grad():
+        want = _stacked(torch.from_numpy(x), torch.from_numpy(lengths))
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_allclose(g, w.numpy(), atol=1e-5)

@@ -13,13 +13,23 @@ from attnserve.models import get_entry, list_models
 from attnserve.runtime.generate import beam_search, greedy_search
 
 GENERATIVE = [n for n in list_models() if hasattr(get_entry(n).model_cls, "export_parts")]
+# Every attention variant the family has, in its tiny form.
+VARIANTS = {"luong_seq2seq": ["tiny", "tiny_dot", "tiny_concat", "tiny_local"]}
+CASES = [(n, c) for n in GENERATIVE for c in VARIANTS.get(n, ["tiny"])]
 
 
-@pytest.fixture(scope="module", params=GENERATIVE)
+def test_every_generative_model_is_covered():
+    for name in GENERATIVE:
+        tiny = [c for c in get_entry(name).configs if c.startswith("tiny")]
+        assert sorted(tiny) == sorted(VARIANTS.get(name, ["tiny"])), f"add {name}'s tiny variants to VARIANTS"
+
+
+@pytest.fixture(scope="module", params=CASES, ids=lambda case: "-".join(case))
 def exported(request, tmp_path_factory):
-    out = tmp_path_factory.mktemp(request.param)
-    result = export_onnx(request.param, out)
-    return request.param, result
+    name, config = request.param
+    out = tmp_path_factory.mktemp(f"{name}-{config}")
+    result = export_onnx(name, out, config=config)
+    return name, result
 
 
 def padded_sources(lengths, src_len, vocab, seed=0):
@@ -53,9 +63,14 @@ def test_exported_parts_give_the_eager_tokens(exported, lengths, src_len):
     assert [b.tokens for b in beam_o] == [b.tokens for b in beam_t]
     for b, o in zip(beam_t, beam_o, strict=True):
         assert o.score == pytest.approx(b.score, abs=1e-4)
-    # Attention covers the real source only.
+    # Attention covers the real source only; it sums to 1, except local-p's, which is
+    # weighted by a Gaussian after the softmax and not renormalised (Luong et al., eq. 10).
+    local = "local" in result.spec.config
     for g, n in zip(greedy_o, lengths, strict=True):
-        assert np.allclose(np.stack(g.attention)[:, n:], 0) and np.allclose(np.stack(g.attention).sum(1), 1)
+        weights = np.stack(g.attention)
+        assert np.allclose(weights[:, n:], 0) and (weights >= 0).all()
+        sums = weights.sum(1)
+        assert (sums <= 1 + 1e-5).all() if local else np.allclose(sums, 1)
 
 
 def test_a_padded_batch_gives_each_sequence_its_own_tokens(exported):

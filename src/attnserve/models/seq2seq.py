@@ -2,6 +2,8 @@
 
 Bahdanau, Cho and Bengio, "Neural Machine Translation by Jointly Learning to Align and
 Translate", ICLR 2015. https://arxiv.org/abs/1409.0473
+Luong, Pham and Manning, "Effective Approaches to Attention-based Neural Machine
+Translation", EMNLP 2015. https://arxiv.org/abs/1508.04025
 
 RNNsearch (appendix A): a bidirectional GRU encoder whose annotations h_j concatenate
 both directions; a GRU decoder whose state starts at s_0 = tanh(W_s h<-_1); additive
@@ -10,7 +12,15 @@ softmax-normalised over the source (padding excluded); the context c_i feeds the
 with the previous target word; the output layer is a maxout over
 U_o s_{i-1} + V_o E y_{i-1} + C_o c_i.
 
-Exported three ways: the whole teacher-forced model (source + target in, logits out,
+Luong's global and local attention (sec. 3): stacked LSTMs; the score is taken on the
+*current* top state h_t, as dot, general (h_t^T W_a h_s) or concat
+(v_a^T tanh(W_a [h_t; h_s])); the attentional state h~_t = tanh(W_c [c_t; h_t]) gives the
+logits and is fed to the next step's input (input feeding, sec. 3.3). Local-p attention
+predicts a centre p_t = S sigmoid(v_p^T tanh(W_p h_t)) per sequence length S, keeps the
+window [p_t - D, p_t + D] and weights it by exp(-(s - p_t)^2 / (2 sigma^2)), sigma = D/2
+(eq. 9-10).
+
+Both are exported three ways: the whole teacher-forced model (source + target in, logits out,
 for scoring), and the two parts generation uses (`export_parts`): the encoder, run
 once, and one decoder step with its state in and out (see attnserve.runtime.generate).
 """
@@ -23,7 +33,7 @@ import torch
 from torch import nn
 
 from attnserve.models.registry import register_model
-from attnserve.ops import gru_layer
+from attnserve.ops import gru_layer, lstm_layer
 from attnserve.runtime.generate import GenerationConfig
 from attnserve.spec import DEFAULT_TOLERANCES, ModelSpec, TensorSpec
 from attnserve.text import Vocabulary
@@ -125,7 +135,7 @@ class BahdanauSeq2Seq(nn.Module):
 class _Encoder(nn.Module):
     """The encoder part: run once per source."""
 
-    def __init__(self, model: BahdanauSeq2Seq):
+    def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
 
@@ -144,7 +154,7 @@ class _DecoderStep(nn.Module):
         return self.model.step(tokens, memory, keys, memory_bias, state)
 
 
-def _source_specs(cfg: BahdanauConfig) -> tuple[TensorSpec, ...]:
+def _source_specs(cfg) -> tuple[TensorSpec, ...]:
     return (TensorSpec("src", "int64", ("batch", "src_len"), (4, cfg.src_vocab)),
             # Lengths from 1 to the example length: padded batches in every example.
             TensorSpec("src_lengths", "int64", ("batch",), (1, cfg.example_src_len + 1)))
@@ -158,7 +168,8 @@ CONFIGS = {
 }
 
 
-def bahdanau_spec(name: str, config_name: str, cfg: BahdanauConfig) -> ModelSpec:
+def translation_spec(name: str, config_name: str, cfg) -> ModelSpec:
+    """The whole teacher-forced graph of a translation model."""
     target = TensorSpec("tgt", "int64", ("batch", cfg.target_len), (4, cfg.tgt_vocab))
     return ModelSpec(
         name=name, config=config_name, task="translation",
@@ -172,6 +183,163 @@ def bahdanau_spec(name: str, config_name: str, cfg: BahdanauConfig) -> ModelSpec
 register_model(
     "bahdanau_seq2seq",
     configs=CONFIGS,
-    spec=bahdanau_spec,
+    spec=translation_spec,
     paper="Bahdanau et al., Neural Machine Translation by Jointly Learning to Align and Translate, ICLR 2015",
 )(BahdanauSeq2Seq)
+
+
+@dataclass(frozen=True)
+class LuongConfig:
+    src_vocab: int = 50000
+    tgt_vocab: int = 50000
+    embed_dim: int = 1000
+    hidden_dim: int = 1000
+    num_layers: int = 4  # sec. 4.1: stacking LSTMs with 4 layers, 1000 cells each
+    score: str = "general"  # "dot", "general" or "concat"
+    local_window: int = 0  # D of local-p attention (sec. 3.2); 0: global attention
+    example_src_len: int = 12
+    target_len: int = 10
+    max_length: int = 50
+
+
+class LuongSeq2Seq(nn.Module):
+    def __init__(self, cfg: LuongConfig):
+        super().__init__()
+        if cfg.score not in ("dot", "general", "concat"):
+            raise ValueError(f"score must be 'dot', 'general' or 'concat', got {cfg.score!r}")
+        self.cfg = cfg
+        E, H, L = cfg.embed_dim, cfg.hidden_dim, cfg.num_layers
+        self.src_embed = nn.Embedding(cfg.src_vocab, E, padding_idx=Vocabulary.pad_id)
+        self.encoder = nn.LSTM(E, H, num_layers=L, batch_first=True)
+        self.tgt_embed = nn.Embedding(cfg.tgt_vocab, E)
+        # Input feeding: the previous attentional state joins the word embedding.
+        self.decoder = nn.ModuleList([nn.LSTMCell(E + H if i == 0 else H, H) for i in range(L)])
+        if cfg.score == "general":
+            self.score_proj = nn.Linear(H, H, bias=False)  # W_a
+        elif cfg.score == "concat":
+            self.score_proj = nn.Linear(2 * H, H, bias=False)  # W_a
+            self.score_vector = nn.Linear(H, 1, bias=False)  # v_a
+        if cfg.local_window:
+            self.position_proj = nn.Linear(H, H, bias=False)  # W_p
+            self.position_vector = nn.Linear(H, 1, bias=False)  # v_p
+        self.combine = nn.Linear(2 * H, H, bias=False)  # W_c
+        self.out_proj = nn.Linear(H, cfg.tgt_vocab)  # W_s
+
+    def encode(self, src: torch.Tensor, src_lengths: torch.Tensor):
+        """-> memory (B, S, H), memory_bias (B, S), memory_length (B,) float, the
+        decoder's initial hidden and cell states (B, L, H), and the zero h~_0 (B, H)."""
+        x = self.src_embed(src)
+        hidden, cell = [], []
+        for layer in range(self.cfg.num_layers):
+            x, h, c = lstm_layer(self.encoder, x, src_lengths, layer)
+            hidden.append(h)
+            cell.append(c)
+        valid = torch.arange(src.shape[1], device=src.device).unsqueeze(0) < src_lengths.unsqueeze(1)
+        memory_bias = torch.zeros(valid.shape, dtype=x.dtype).masked_fill(~valid, float("-inf"))
+        feed = torch.zeros_like(hidden[-1])
+        return (x, memory_bias, src_lengths.to(x.dtype), torch.stack(hidden, dim=1), torch.stack(cell, dim=1),
+                feed)
+
+    def _scores(self, h: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
+        if self.cfg.score == "dot":
+            return torch.bmm(memory, h.unsqueeze(2)).squeeze(2)
+        if self.cfg.score == "general":
+            return torch.bmm(self.score_proj(memory), h.unsqueeze(2)).squeeze(2)
+        expanded = h.unsqueeze(1).expand(-1, memory.shape[1], -1)  # (B, S, H)
+        return self.score_vector(torch.tanh(self.score_proj(torch.cat([expanded, memory], -1)))).squeeze(-1)
+
+    def step(self, tokens, memory, memory_bias, memory_length, hidden, cell, feed):
+        """One target word: -> logits, next hidden/cell (B, L, H), next h~ (B, H), attention."""
+        x = torch.cat([self.tgt_embed(tokens), feed], dim=-1)  # input feeding
+        next_hidden, next_cell = [], []
+        for layer, lstm in enumerate(self.decoder):
+            h, c = lstm(x, (hidden[:, layer], cell[:, layer]))
+            next_hidden.append(h)
+            next_cell.append(c)
+            x = h
+        scores = self._scores(x, memory) + memory_bias  # (B, S)
+        if self.cfg.local_window:
+            D = self.cfg.local_window
+            p = memory_length.unsqueeze(1) * torch.sigmoid(
+                self.position_vector(torch.tanh(self.position_proj(x))))  # (B, 1): p_t in [0, S]
+            s = torch.arange(memory.shape[1], device=memory.device, dtype=memory.dtype).unsqueeze(0)
+            outside = (s < p - D) | (s > p + D)
+            attention = scores.masked_fill(outside, float("-inf")).softmax(dim=-1)
+            attention = torch.nan_to_num(attention) * torch.exp(-((s - p) ** 2) / (2 * (D / 2) ** 2))
+        else:
+            attention = scores.softmax(dim=-1)
+        context = torch.bmm(attention.unsqueeze(1), memory).squeeze(1)  # c_t
+        attentional = torch.tanh(self.combine(torch.cat([context, x], dim=-1)))  # h~_t
+        return (self.out_proj(attentional), torch.stack(next_hidden, 1), torch.stack(next_cell, 1),
+                attentional, attention)
+
+    def forward(self, src: torch.Tensor, src_lengths: torch.Tensor, tgt: torch.Tensor) -> torch.Tensor:
+        memory, memory_bias, memory_length, hidden, cell, feed = self.encode(src, src_lengths)
+        logits = []
+        for i in range(tgt.shape[1]):
+            out, hidden, cell, feed, _ = self.step(
+                tgt[:, i], memory, memory_bias, memory_length, hidden, cell, feed
+            )
+            logits.append(out)
+        return torch.stack(logits, dim=1)
+
+    def generation_config(self) -> GenerationConfig:
+        return GenerationConfig(
+            bos_id=Vocabulary.bos_id, eos_id=Vocabulary.eos_id,
+            static=("memory", "memory_bias", "memory_length"), state=("hidden", "cell", "feed"),
+            max_length=self.cfg.max_length, attention_output="attention",
+        )
+
+    def export_parts(self) -> dict[str, tuple[nn.Module, ModelSpec]]:
+        cfg = self.cfg
+        H, L = cfg.hidden_dim, cfg.num_layers
+        static = (TensorSpec("memory", "float32", ("batch", "src_len", H)),
+                  TensorSpec("memory_bias", "float32", ("batch", "src_len")),
+                  TensorSpec("memory_length", "float32", ("batch",)))
+        state_shapes = {"hidden": ("batch", L, H), "cell": ("batch", L, H), "feed": ("batch", H)}
+        state = tuple(TensorSpec(n, "float32", shape) for n, shape in state_shapes.items())
+        next_state = tuple(TensorSpec(f"next_{n}", "float32", shape) for n, shape in state_shapes.items())
+        dims = {"src_len": cfg.example_src_len}
+        encoder = ModelSpec("luong_seq2seq.encoder", "part", "encoder", _source_specs(cfg), static + state,
+                            dims)
+        step = ModelSpec(
+            "luong_seq2seq.decoder_step", "part", "decoder-step",
+            (TensorSpec("tokens", "int64", ("batch",), (0, cfg.tgt_vocab)),) + static + state,
+            (TensorSpec("logits", "float32", ("batch", cfg.tgt_vocab)),) + next_state
+            + (TensorSpec("attention", "float32", ("batch", "src_len")),),
+            dims,
+        )
+        return {"encoder": (_Encoder(self), encoder), "decoder_step": (_LuongStep(self), step)}
+
+
+class _LuongStep(nn.Module):
+    def __init__(self, model: LuongSeq2Seq):
+        super().__init__()
+        self.model = model
+
+    def forward(self, tokens, memory, memory_bias, memory_length, hidden, cell, feed):
+        return self.model.step(tokens, memory, memory_bias, memory_length, hidden, cell, feed)
+
+
+def _tiny_luong(**kw) -> LuongConfig:
+    return LuongConfig(src_vocab=40, tgt_vocab=36, embed_dim=16, hidden_dim=24, num_layers=2,
+                       example_src_len=7, target_len=5, max_length=12, **kw)
+
+
+LUONG_CONFIGS = {
+    "tiny": _tiny_luong(),
+    "tiny_dot": _tiny_luong(score="dot"),
+    "tiny_concat": _tiny_luong(score="concat"),
+    "tiny_local": _tiny_luong(local_window=2),
+    # Table 1 of the paper: global attention (general score) and local-p, D = 10.
+    "global_general": LuongConfig(),
+    "local_p": LuongConfig(local_window=10),
+}
+
+
+register_model(
+    "luong_seq2seq",
+    configs=LUONG_CONFIGS,
+    spec=translation_spec,
+    paper="Luong et al., Effective Approaches to Attention-based Neural Machine Translation, EMNLP 2015",
+)(LuongSeq2Seq)

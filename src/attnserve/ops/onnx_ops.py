@@ -125,6 +125,7 @@ def custom_translation_table() -> dict:
         ops.grid_sample.default: grid_sample,
         ops.affine_grid_sample.default: affine_grid_sample,
         ops.gru_layer.default: recurrent.onnx_translation(opset18),
+        ops.lstm_layer.default: recurrent.lstm_onnx_translation(opset18),
     }
 
 

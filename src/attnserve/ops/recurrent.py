@@ -1,8 +1,9 @@
-"""`attnserve::gru_layer`: one GRU direction over padded sequences of any length.
+"""`attnserve::gru_layer` and `attnserve::lstm_layer`: one recurrent direction over
+padded sequences of any length.
 
 torch.export unrolls nn.GRU over the time axis and so fixes the sequence length of the
 exported graph. As a custom op the layer exports as ONNX's own `GRU` node instead, with
-`sequence_lens`, which runs any length and handles padding in both directions: a
+`sequence_lens` (and likewise `LSTM`), which runs any length and handles padding in both directions: a
 forward layer stops at each sequence's end, a reverse one starts there. The eager
 kernel defines the same semantics with an explicit masked loop: outputs at padded
 positions are zero, and the final state is the state after the last real step.
@@ -73,3 +74,62 @@ def onnx_translation(op):
         return op.CastLike(y, x), op.CastLike(op.Squeeze(Y_h, axis0), x)  # (B, H)
 
     return gru_layer
+
+
+@torch.library.custom_op("attnserve::lstm_layer", mutates_args=())
+def lstm_layer_op(x: torch.Tensor, lengths: torch.Tensor, w_ih: torch.Tensor, w_hh: torch.Tensor,
+                  b_ih: torch.Tensor, b_hh: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    B, S, _ = x.shape
+    hidden = w_hh.shape[1]
+    h, c = x.new_zeros(B, hidden), x.new_zeros(B, hidden)
+    out = x.new_zeros(B, S, hidden)
+    for t in range(S):
+        valid = (t < lengths).unsqueeze(1)
+        h_new, c_new = torch._VF.lstm_cell(x[:, t], (h, c), w_ih, w_hh, b_ih, b_hh)
+        h, c = torch.where(valid, h_new, h), torch.where(valid, c_new, c)
+        out[:, t] = torch.where(valid, h_new, torch.zeros_like(h_new))
+    return out, h, c
+
+
+@lstm_layer_op.register_fake
+def _(x, lengths, w_ih, w_hh, b_ih, b_hh):
+    B, S, _ = x.shape
+    hidden = w_hh.shape[1]
+    return x.new_empty(B, S, hidden), x.new_empty(B, hidden), x.new_empty(B, hidden)
+
+
+def lstm_layer(lstm: nn.LSTM, x: torch.Tensor, lengths: torch.Tensor, layer: int = 0):
+    """Run layer `layer` of a batch-first, one-direction nn.LSTM over x (B, S, I):
+    -> outputs (B, S, H), final hidden and cell states (B, H)."""
+    if lstm.bidirectional or not lstm.batch_first or not lstm.bias or lstm.proj_size:
+        raise ValueError("lstm_layer takes a one-direction, batch-first LSTM with biases")
+    return lstm_layer_op(x, lengths, *(getattr(lstm, f"{n}_l{layer}") for n in
+                                       ("weight_ih", "weight_hh", "bias_ih", "bias_hh")))
+
+
+def lstm_onnx_translation(op):
+    """ONNX's LSTM, with PyTorch's gate order (i, f, g, o) reordered to ONNX's
+    (i, o, f, c); in fp32 as the GRU is."""
+
+    def reorder(w, hidden: int):
+        i, f, g, o = (
+            op.Slice(w, op.Constant(value_ints=[k * hidden]), op.Constant(value_ints=[(k + 1) * hidden]))
+            for k in range(4)
+        )
+        return op.Concat(i, o, f, g, axis=0)
+
+    def lstm_layer(x, lengths, w_ih, w_hh, b_ih, b_hh):
+        hidden = w_hh.shape[1]
+        axis0 = op.Constant(value_ints=[0])
+        f32 = 1  # TensorProto.FLOAT
+        w_ih, w_hh, b_ih, b_hh = (op.Cast(w, to=f32) for w in (w_ih, w_hh, b_ih, b_hh))
+        W = op.Unsqueeze(reorder(w_ih, hidden), axis0)  # (1, 4H, I)
+        R = op.Unsqueeze(reorder(w_hh, hidden), axis0)  # (1, 4H, H)
+        B = op.Unsqueeze(op.Concat(reorder(b_ih, hidden), reorder(b_hh, hidden), axis=0), axis0)  # (1, 8H)
+        X = op.Transpose(op.Cast(x, to=f32), perm=[1, 0, 2])  # (S, B, I)
+        Y, Y_h, Y_c = op.LSTM(X, W, R, B, op.Cast(lengths, to=6), hidden_size=hidden)
+        y = op.Transpose(op.Squeeze(Y, op.Constant(value_ints=[1])), perm=[1, 0, 2])  # (B, S, H)
+        return (op.CastLike(y, x), op.CastLike(op.Squeeze(Y_h, axis0), x),
+                op.CastLike(op.Squeeze(Y_c, axis0), x))
+
+    return lstm_layer
