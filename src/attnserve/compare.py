@@ -131,11 +131,13 @@ def _compare_one(name, want, got, tol: Tolerance, classes_last_axis: bool) -> Ou
     if classes_last_axis and want.ndim >= 1 and want.shape[-1] > 1:
         top1 = float((w.argmax(-1) == g.argmax(-1)).mean())
     worst = float(excess.max())
+    with np.errstate(invalid="ignore"):  # inf / inf where one side is infinite
+        rel = np.nan_to_num(diff / np.maximum(np.abs(w), 1e-12), nan=np.inf)
     return OutputComparison(
         name=name,
         shape=tuple(want.shape),
         max_abs_error=float(diff.max()),
-        max_rel_error=float(np.nan_to_num(diff / np.maximum(np.abs(w), 1e-12), nan=np.inf).max()),
+        max_rel_error=float(rel.max()),
         cosine_similarity=cosine,
         top1_agreement=top1,
         worst_excess=worst,
