@@ -11,10 +11,13 @@ from attnserve.export import read_state_dict, save_state_dict
 from attnserve.models import create_model, get_spec, list_models
 
 
-def _outputs(model, name):
+def _outputs(model, name) -> torch.Tensor:
+    """All of the model's outputs, flattened into one tensor to compare."""
     feed = get_spec(name).example_inputs(2, seed=7)
     with torch.inference_mode():
-        return model(**{k: torch.from_numpy(v) for k, v in feed.items()})
+        out = model(**{k: torch.from_numpy(v) for k, v in feed.items()})
+    out = (out,) if isinstance(out, torch.Tensor) else out
+    return torch.cat([o.flatten() for o in out])
 
 
 @pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
