@@ -47,3 +47,9 @@ class BackendUnavailableError(AttnserveError):
 
 class InternalError(Exception):
     """A bug in attnserve, not in the user's input."""
+
+
+def first_line(e: BaseException) -> str:
+    """The first non-empty line of an exception's message (libraries' messages run long)."""
+    lines = [ln for ln in str(e).splitlines() if ln.strip()]
+    return lines[0] if lines else type(e).__name__

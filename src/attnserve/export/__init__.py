@@ -19,7 +19,7 @@ def verify_onnx(path: str | Path, name: str | None = None, config: str = "tiny",
     """
     from attnserve.artifact import read_artifact
     from attnserve.errors import AttnserveError
-    from attnserve.models import create_model, get_spec
+    from attnserve.runtime.torch_runner import eager_model
 
     artifact = read_artifact(path)
     m = artifact.manifest or {}
@@ -28,13 +28,9 @@ def verify_onnx(path: str | Path, name: str | None = None, config: str = "tiny",
     name = name or m.get("model")
     if name is None:
         raise AttnserveError(f"{path} has no manifest; say which model it is with --model")
-    config = m.get("config", config)
-    overrides = m.get("overrides") or {}
-    checkpoint = m.get("checkpoint", checkpoint) if m else checkpoint
-    seed = m.get("seed", 0) if m else 0
+    source = m or {"model": name, "config": config, "checkpoint": checkpoint}
+    model, spec = eager_model(source)
     precision = precision or m.get("precision", "fp32")
-    model = create_model(name, config, checkpoint, seed=seed, **overrides)
-    spec = get_spec(name, config, **overrides)
     return check_parity(model, spec, artifact.onnx_path, precision, batch_sizes)
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from attnserve.errors import CheckpointError
+from attnserve.errors import CheckpointError, first_line
 
 # Containers that trainers wrap a state dict in (timm, DeiT, torchvision references,
 # Lightning); the first one present wins.
@@ -36,7 +36,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             return load_file(str(path))
         except (SafetensorError, OSError, ValueError) as e:
             raise CheckpointError(
-                f"{path} is not a readable safetensors file ({_first_line(e)}); "
+                f"{path} is not a readable safetensors file ({first_line(e)}); "
                 "it may be truncated or not a safetensors file at all"
             ) from None
     try:
@@ -50,10 +50,10 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
                 "refuses because unpickling them could run code; re-save it as a plain "
                 "state dict (torch.save(model.state_dict(), ...)) or as .safetensors"
             ) from None
-        raise CheckpointError(f"{path} is not a torch checkpoint ({_first_line(e)})") from None
+        raise CheckpointError(f"{path} is not a torch checkpoint ({first_line(e)})") from None
     except Exception as e:  # garbage bytes make the unpickler fail in arbitrary ways
         raise CheckpointError(
-            f"{path} could not be read as a torch checkpoint ({_first_line(e)}); "
+            f"{path} could not be read as a torch checkpoint ({first_line(e)}); "
             "it may be truncated or corrupt"
         ) from None
     return _unwrap(obj, path)
@@ -137,8 +137,3 @@ def save_state_dict(model: nn.Module, path: str | Path) -> Path:
 def _listing(keys: list[str], limit: int = 8) -> str:
     shown = ", ".join(keys[:limit])
     return shown + (f" (and {len(keys) - limit} more)" if len(keys) > limit else "")
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return text[0] if text else type(e).__name__

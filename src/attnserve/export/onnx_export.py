@@ -25,7 +25,7 @@ import torch
 from attnserve import __version__
 from attnserve.artifact import MANIFEST_NAME, ONNX_NAME, PARITY_NAME
 from attnserve.compare import ComparisonReport, compare_outputs
-from attnserve.errors import AttnserveError, ExportError, ParityError
+from attnserve.errors import AttnserveError, ExportError, ParityError, first_line
 from attnserve.models import create_model, get_entry
 from attnserve.models.layers import explicit_attention
 from attnserve.ops import onnx_ops
@@ -246,7 +246,7 @@ def _torch_export(model: torch.nn.Module, spec: ModelSpec, path: Path, opset: in
         if cause is not None:  # our own argument checks, raised while tracing
             raise ExportError(f"{spec.name} ({spec.config}) cannot be exported: {cause}") from None
         raise ExportError(
-            f"torch.onnx.export failed for {spec.name} ({spec.config}): {_first_line(e)}"
+            f"torch.onnx.export failed for {spec.name} ({spec.config}): {first_line(e)}"
         ) from e
     try:
         proto = onnx_ops.finish_custom_ops(program.model_proto, custom_ops)
@@ -258,7 +258,7 @@ def _torch_export(model: torch.nn.Module, spec: ModelSpec, path: Path, opset: in
     try:
         onnx.checker.check_model(str(path), full_check=True)
     except onnx.checker.ValidationError as e:
-        raise ExportError(f"the exported graph of {spec.name} is not valid ONNX: {_first_line(e)}") from None
+        raise ExportError(f"the exported graph of {spec.name} is not valid ONNX: {first_line(e)}") from None
 
 
 def _user_error_in_chain(e: BaseException) -> AttnserveError | None:
@@ -284,8 +284,3 @@ def _jsonable(v: Any) -> Any:
 
 def _write_json(path: Path, obj: dict) -> None:
     path.write_text(json.dumps(obj, indent=2) + "\n")
-
-
-def _first_line(e: BaseException) -> str:
-    lines = [ln for ln in str(e).splitlines() if ln.strip()]
-    return lines[0] if lines else type(e).__name__

@@ -171,7 +171,7 @@ class _Body:
 
     def dim(self, shape: str, axis: int) -> str:
         """shape[axis] as a 1-element int64 tensor."""
-        return self.op("Slice", shape, self.ints([axis]), self.ints([axis + 1 if axis != -1 else 2**62]))
+        return self.op("Slice", shape, self.ints([axis]), self.ints([axis + 1]))
 
     def roll(self, x: str, shifts: list[int], axes: list[int]) -> str:
         """numpy.roll(x, shifts, axes) for static shifts."""

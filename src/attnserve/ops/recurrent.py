@@ -53,25 +53,13 @@ def onnx_translation(op):
     The recurrence runs in fp32 in half-precision graphs: ONNX Runtime 1.31 has no fp16
     CPU GRU (it crashed creating the session), and errors compound over time steps."""
 
-    def reorder(w, hidden: int):
-        r = op.Slice(w, op.Constant(value_ints=[0]), op.Constant(value_ints=[hidden]))
-        z = op.Slice(w, op.Constant(value_ints=[hidden]), op.Constant(value_ints=[2 * hidden]))
-        n = op.Slice(w, op.Constant(value_ints=[2 * hidden]), op.Constant(value_ints=[3 * hidden]))
-        return op.Concat(z, r, n, axis=0)
-
     def gru_layer(x, lengths, w_ih, w_hh, b_ih, b_hh, reverse):
         hidden = w_hh.shape[1]
-        axis0 = op.Constant(value_ints=[0])
-        f32 = 1  # TensorProto.FLOAT
-        w_ih, w_hh, b_ih, b_hh = (op.Cast(w, to=f32) for w in (w_ih, w_hh, b_ih, b_hh))
-        W = op.Unsqueeze(reorder(w_ih, hidden), axis0)  # (1, 3H, I)
-        R = op.Unsqueeze(reorder(w_hh, hidden), axis0)  # (1, 3H, H)
-        B = op.Unsqueeze(op.Concat(reorder(b_ih, hidden), reorder(b_hh, hidden), axis=0), axis0)  # (1, 6H)
-        X = op.Transpose(op.Cast(x, to=f32), perm=[1, 0, 2])  # (S, B, I)
-        Y, Y_h = op.GRU(X, W, R, B, op.Cast(lengths, to=6), hidden_size=hidden, linear_before_reset=1,
+        # torch (r, z, n) -> ONNX (z, r, h)
+        X, W, R, B, seq = _onnx_rnn_inputs(op, x, lengths, (w_ih, w_hh, b_ih, b_hh), hidden, [1, 0, 2])
+        Y, Y_h = op.GRU(X, W, R, B, seq, hidden_size=hidden, linear_before_reset=1,
                         direction="reverse" if reverse else "forward")
-        y = op.Transpose(op.Squeeze(Y, op.Constant(value_ints=[1])), perm=[1, 0, 2])  # (B, S, H)
-        return op.CastLike(y, x), op.CastLike(op.Squeeze(Y_h, axis0), x)  # (B, H)
+        return _onnx_rnn_outputs(op, x, Y, Y_h)
 
     return gru_layer
 
@@ -111,25 +99,35 @@ def lstm_onnx_translation(op):
     """ONNX's LSTM, with PyTorch's gate order (i, f, g, o) reordered to ONNX's
     (i, o, f, c); in fp32 as the GRU is."""
 
-    def reorder(w, hidden: int):
-        i, f, g, o = (
-            op.Slice(w, op.Constant(value_ints=[k * hidden]), op.Constant(value_ints=[(k + 1) * hidden]))
-            for k in range(4)
-        )
-        return op.Concat(i, o, f, g, axis=0)
-
     def lstm_layer(x, lengths, w_ih, w_hh, b_ih, b_hh):
         hidden = w_hh.shape[1]
-        axis0 = op.Constant(value_ints=[0])
-        f32 = 1  # TensorProto.FLOAT
-        w_ih, w_hh, b_ih, b_hh = (op.Cast(w, to=f32) for w in (w_ih, w_hh, b_ih, b_hh))
-        W = op.Unsqueeze(reorder(w_ih, hidden), axis0)  # (1, 4H, I)
-        R = op.Unsqueeze(reorder(w_hh, hidden), axis0)  # (1, 4H, H)
-        B = op.Unsqueeze(op.Concat(reorder(b_ih, hidden), reorder(b_hh, hidden), axis=0), axis0)  # (1, 8H)
-        X = op.Transpose(op.Cast(x, to=f32), perm=[1, 0, 2])  # (S, B, I)
-        Y, Y_h, Y_c = op.LSTM(X, W, R, B, op.Cast(lengths, to=6), hidden_size=hidden)
-        y = op.Transpose(op.Squeeze(Y, op.Constant(value_ints=[1])), perm=[1, 0, 2])  # (B, S, H)
-        return (op.CastLike(y, x), op.CastLike(op.Squeeze(Y_h, axis0), x),
-                op.CastLike(op.Squeeze(Y_c, axis0), x))
+        # torch (i, f, g, o) -> ONNX (i, o, f, c)
+        X, W, R, B, seq = _onnx_rnn_inputs(op, x, lengths, (w_ih, w_hh, b_ih, b_hh), hidden, [0, 3, 1, 2])
+        Y, Y_h, Y_c = op.LSTM(X, W, R, B, seq, hidden_size=hidden)
+        return _onnx_rnn_outputs(op, x, Y, Y_h, Y_c)
 
     return lstm_layer
+
+
+def _onnx_rnn_inputs(op, x, lengths, weights, hidden: int, gate_order: list[int]):
+    """ONNX RNN inputs from one torch layer's weights, in fp32: X (S, B, I), W (1, gH, I),
+    R (1, gH, H), B (1, 2gH) with torch's gates reordered to ONNX's, sequence_lens int32."""
+    f32 = 1  # TensorProto.FLOAT
+    axis0 = op.Constant(value_ints=[0])
+
+    def reorder(w):  # gate blocks of `hidden` rows, rearranged
+        gates = [op.Slice(w, op.Constant(value_ints=[k * hidden]), op.Constant(value_ints=[(k + 1) * hidden]))
+                 for k in range(len(gate_order))]
+        return op.Concat(*[gates[k] for k in gate_order], axis=0)
+
+    w_ih, w_hh, b_ih, b_hh = (reorder(op.Cast(w, to=f32)) for w in weights)
+    W, R = op.Unsqueeze(w_ih, axis0), op.Unsqueeze(w_hh, axis0)
+    B = op.Unsqueeze(op.Concat(b_ih, b_hh, axis=0), axis0)
+    X = op.Transpose(op.Cast(x, to=f32), perm=[1, 0, 2])
+    return X, W, R, B, op.Cast(lengths, to=6)  # 6: TensorProto.INT32
+
+
+def _onnx_rnn_outputs(op, x, Y, *states):
+    """Y (S, 1, B, H) -> (B, S, H) and each final state (1, B, H) -> (B, H), in x's dtype."""
+    y = op.Transpose(op.Squeeze(Y, op.Constant(value_ints=[1])), perm=[1, 0, 2])
+    return (op.CastLike(y, x), *(op.CastLike(op.Squeeze(h, op.Constant(value_ints=[0])), x) for h in states))

@@ -41,11 +41,7 @@ def load(path: str | Path, backend: str = "ort", device: str = "cpu", threads: i
             from attnserve.runtime.torch_runner import TorchRunner
         except ImportError:
             raise BackendUnavailableError("the torch backend needs PyTorch installed") from None
-        m = artifact.manifest
-        return TorchRunner.from_registry(
-            m["model"], m["config"], m.get("checkpoint"), m.get("seed", 0),
-            m.get("overrides") or {}, threads=threads,
-        )
+        return TorchRunner.from_manifest(artifact.manifest, threads=threads)
     raise BackendUnavailableError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
 
 
@@ -71,11 +67,9 @@ def load_generator(path: str | Path, backend: str = "ort", device: str = "cpu", 
         return (OrtRunner(root / m["parts"]["encoder"]["onnx"], device=device, threads=threads),
                 OrtRunner(root / m["parts"]["decoder_step"]["onnx"], device=device, threads=threads), config)
     if backend == "torch":
-        from attnserve.models import create_model
-        from attnserve.runtime.torch_runner import TorchRunner
+        from attnserve.runtime.torch_runner import TorchRunner, eager_model
 
-        model = create_model(m["model"], m["config"], m.get("checkpoint"), seed=m.get("seed", 0),
-                             **(m.get("overrides") or {}))
+        model, _ = eager_model(m)
         parts = model.export_parts()
         return (TorchRunner(*parts["encoder"], threads=threads),
                 TorchRunner(*parts["decoder_step"], threads=threads), config)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from attnserve.errors import BackendUnavailableError, ExportError
+from attnserve.errors import BackendUnavailableError, ExportError, first_line
 from attnserve.runtime.base import Runner
 from attnserve.spec import TensorSpec
 
@@ -79,7 +79,7 @@ class OrtRunner(Runner):
                 model, sess_options=options, providers=[p for p in wanted if p in available]
             )
         except Exception as e:  # onnxruntime raises its own unexported exception types
-            raise ExportError(f"onnxruntime cannot load {path}: {str(e).splitlines()[0]}") from None
+            raise ExportError(f"onnxruntime cannot load {path}: {first_line(e)}") from None
         self.device = device
         self.providers = self.session.get_providers()
         super().__init__(

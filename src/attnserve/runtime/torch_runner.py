@@ -5,6 +5,8 @@ Imported only when asked for, so the rest of `attnserve.runtime` needs no torch.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import numpy as np
 
 from attnserve.runtime.base import Runner
@@ -33,13 +35,8 @@ class TorchRunner(Runner):
         super().__init__(spec.inputs, spec.outputs)
 
     @classmethod
-    def from_registry(cls, name: str, config="tiny", checkpoint=None, seed: int | None = 0,
-                      overrides: dict | None = None, threads: int = 0) -> TorchRunner:
-        from attnserve.models import create_model, get_spec
-
-        overrides = overrides or {}
-        model = create_model(name, config, checkpoint, seed=seed, **overrides)
-        return cls(model, get_spec(name, config, **overrides), threads)
+    def from_manifest(cls, manifest: Mapping, threads: int = 0) -> TorchRunner:
+        return cls(*eager_model(manifest), threads)
 
     def _run(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         torch = self._torch
@@ -48,3 +45,14 @@ class TorchRunner(Runner):
         if isinstance(out, torch.Tensor):
             out = (out,)
         return {name: t.detach().cpu().numpy() for name, t in zip(self.output_names, out, strict=True)}
+
+
+def eager_model(manifest: Mapping):
+    """The eager model an export came from, rebuilt from its manifest (model, config,
+    overrides, and checkpoint or seed), with its spec: -> (model, ModelSpec)."""
+    from attnserve.models import create_model, get_spec
+
+    overrides = manifest.get("overrides") or {}
+    model = create_model(manifest["model"], manifest["config"], manifest.get("checkpoint"),
+                         seed=manifest.get("seed", 0), **overrides)
+    return model, get_spec(manifest["model"], manifest["config"], **overrides)
