@@ -213,12 +213,41 @@ def image_classification_spec(
         outputs=(TensorSpec("logits", "float32", ("batch", num_classes)),),
         default_dims={"height": img_size, "width": img_size} if dynamic_size else {},
         tolerances=dict(tolerances or DEFAULT_TOLERANCES),
-        preprocessing={
-            "image_size": img_size,
-            "resize": int(round(img_size / 0.875)),
-            "mean": list(mean),
-            "std": list(std),
-            "color": "RGB",
-            "layout": "NCHW",
-        },
+        preprocessing=image_preprocessing(img_size, mean, std),
     )
+
+
+def image_captioning_spec(
+    name: str,
+    config: str,
+    *,
+    img_size: int,
+    vocab_size: int,
+    target_len: int,
+    in_chans: int = 3,
+    mean: tuple[float, ...] = (0.485, 0.456, 0.406),
+    std: tuple[float, ...] = (0.229, 0.224, 0.225),
+) -> ModelSpec:
+    """The whole teacher-forced graph every captioner shares: NCHW float images and the
+    target caption (starting with <bos>) in, logits per target position out.
+
+    Generation does not use this graph; it runs the encoder and decoder-step parts
+    (`export_parts`). This one scores captions and checks the model end to end.
+    """
+    return ModelSpec(
+        name=name,
+        config=config,
+        task="image-captioning",
+        inputs=(TensorSpec("images", "float32", ("batch", in_chans, img_size, img_size)),
+                TensorSpec("tgt", "int64", ("batch", target_len), (4, vocab_size))),
+        outputs=(TensorSpec("logits", "float32", ("batch", target_len, vocab_size)),),
+        tolerances=dict(DEFAULT_TOLERANCES),
+        preprocessing=image_preprocessing(img_size, mean, std),
+    )
+
+
+def image_preprocessing(img_size: int, mean: tuple[float, ...], std: tuple[float, ...]) -> dict:
+    """How clients turn an image into the model's input: resize the short side to
+    `resize`, centre-crop `image_size`, scale to [0, 1], normalise per channel."""
+    return {"image_size": img_size, "resize": int(round(img_size / 0.875)), "mean": list(mean),
+            "std": list(std), "color": "RGB", "layout": "NCHW"}

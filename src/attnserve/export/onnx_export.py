@@ -39,6 +39,8 @@ DEFAULT_OPSET = 20
 PARITY_BATCH_SIZES = (1, 3)
 # Traced at batch 2: a size-1 example would let the tracer specialise the batch axis.
 _TRACE_BATCH = 2
+# Tasks whose last output axis is a vocabulary: parity also reports top-1 agreement.
+_TOKEN_TASKS = ("translation", "image-captioning")
 
 
 @dataclass
@@ -212,7 +214,7 @@ def check_parity(
             expected = reference.run(feed)
             reports.append(compare_outputs(
                 expected, actual, spec.tolerance(precision),
-                classes_last_axis=spec.task.endswith("classification") or spec.task == "translation",
+                classes_last_axis=spec.task.endswith("classification") or spec.task in _TOKEN_TASKS,
                 label=f"batch {batch}",
             ))
     return reports
