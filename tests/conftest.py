@@ -13,15 +13,16 @@ warnings.filterwarnings("ignore", category=FutureWarning)
 
 @pytest.fixture(scope="session")
 def exported_tiny(tmp_path_factory):
-    """Export each registered model's tiny config once per session; name -> result."""
+    """Export each registered model's config (tiny by default) once per session;
+    (name, config) -> result."""
     from attnserve.export import export_onnx
 
     cache = {}
     root = tmp_path_factory.mktemp("exports")
 
-    def get(name: str):
-        if name not in cache:
-            cache[name] = export_onnx(name, root / name)
-        return cache[name]
+    def get(name: str, config: str = "tiny"):
+        if (name, config) not in cache:
+            cache[name, config] = export_onnx(name, root / f"{name}-{config}", config=config)
+        return cache[name, config]
 
     return get

@@ -16,6 +16,8 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 Dim = int | str  # an int is a fixed size; a str names a dynamic axis ("batch", "height")
+# The one dynamic axis that may be empty: a decoder's key/value cache before the first token.
+CACHE_AXIS = "past_len"
 
 
 @dataclass(frozen=True)
@@ -251,3 +253,22 @@ def image_preprocessing(img_size: int, mean: tuple[float, ...], std: tuple[float
     `resize`, centre-crop `image_size`, scale to [0, 1], normalise per channel."""
     return {"image_size": img_size, "resize": int(round(img_size / 0.875)), "mean": list(mean),
             "std": list(std), "color": "RGB", "layout": "NCHW"}
+
+
+def source_specs(cfg) -> tuple[TensorSpec, ...]:
+    """The source side of a translation model: padded token ids and their lengths."""
+    return (TensorSpec("src", "int64", ("batch", "src_len"), (4, cfg.src_vocab)),
+            # Lengths from 1 to the example length: padded batches in every example.
+            TensorSpec("src_lengths", "int64", ("batch",), (1, cfg.example_src_len + 1)))
+
+
+def translation_spec(name: str, config_name: str, cfg) -> ModelSpec:
+    """The whole teacher-forced graph of a translation model."""
+    target = TensorSpec("tgt", "int64", ("batch", cfg.target_len), (4, cfg.tgt_vocab))
+    return ModelSpec(
+        name=name, config=config_name, task="translation",
+        inputs=source_specs(cfg) + (target,),
+        outputs=(TensorSpec("logits", "float32", ("batch", cfg.target_len, cfg.tgt_vocab)),),
+        default_dims={"src_len": cfg.example_src_len},
+        tolerances=dict(DEFAULT_TOLERANCES),
+    )

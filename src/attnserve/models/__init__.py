@@ -1,6 +1,17 @@
 """The model zoo. Importing this package registers every architecture family."""
 
-from attnserve.models import attention_resnet, cait, deit, han, seq2seq, stn, swin, vit  # noqa: F401  (registers)
+from attnserve.models import (  # noqa: F401  (registers)
+    attention_resnet,
+    cait,
+    deit,
+    han,
+    seq2seq,
+    stn,
+    swin,
+    transformer,
+    vit,
+    vit_captioner,
+)
 from attnserve.models.registry import (
     ModelEntry,
     create_model,

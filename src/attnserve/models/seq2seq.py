@@ -35,7 +35,7 @@ from torch import nn
 from attnserve.models.registry import register_model
 from attnserve.ops import gru_layer, lstm_layer
 from attnserve.runtime.generate import GenerationConfig
-from attnserve.spec import DEFAULT_TOLERANCES, ModelSpec, TensorSpec
+from attnserve.spec import ModelSpec, TensorSpec, source_specs, translation_spec
 from attnserve.text import Vocabulary
 
 
@@ -114,7 +114,7 @@ class BahdanauSeq2Seq(nn.Module):
     def export_parts(self) -> dict[str, tuple[nn.Module, ModelSpec]]:
         cfg = self.cfg
         H, A = cfg.hidden_dim, cfg.align_dim
-        src = _source_specs(cfg)
+        src = source_specs(cfg)
         memory = (TensorSpec("memory", "float32", ("batch", "src_len", 2 * H)),
                   TensorSpec("keys", "float32", ("batch", "src_len", A)),
                   TensorSpec("memory_bias", "float32", ("batch", "src_len")))
@@ -154,30 +154,12 @@ class _DecoderStep(nn.Module):
         return self.model.step(tokens, memory, keys, memory_bias, state)
 
 
-def _source_specs(cfg) -> tuple[TensorSpec, ...]:
-    return (TensorSpec("src", "int64", ("batch", "src_len"), (4, cfg.src_vocab)),
-            # Lengths from 1 to the example length: padded batches in every example.
-            TensorSpec("src_lengths", "int64", ("batch",), (1, cfg.example_src_len + 1)))
-
-
 CONFIGS = {
     "tiny": BahdanauConfig(src_vocab=40, tgt_vocab=36, embed_dim=16, hidden_dim=24, align_dim=20,
                            maxout_dim=12, example_src_len=7, target_len=5, max_length=12),
     # RNNsearch as trained in the paper (sec. 4.2); 30k-word vocabularies.
     "rnnsearch": BahdanauConfig(),
 }
-
-
-def translation_spec(name: str, config_name: str, cfg) -> ModelSpec:
-    """The whole teacher-forced graph of a translation model."""
-    target = TensorSpec("tgt", "int64", ("batch", cfg.target_len), (4, cfg.tgt_vocab))
-    return ModelSpec(
-        name=name, config=config_name, task="translation",
-        inputs=_source_specs(cfg) + (target,),
-        outputs=(TensorSpec("logits", "float32", ("batch", cfg.target_len, cfg.tgt_vocab)),),
-        default_dims={"src_len": cfg.example_src_len},
-        tolerances=dict(DEFAULT_TOLERANCES),
-    )
 
 
 register_model(
@@ -300,7 +282,7 @@ class LuongSeq2Seq(nn.Module):
         state = tuple(TensorSpec(n, "float32", shape) for n, shape in state_shapes.items())
         next_state = tuple(TensorSpec(f"next_{n}", "float32", shape) for n, shape in state_shapes.items())
         dims = {"src_len": cfg.example_src_len}
-        encoder = ModelSpec("luong_seq2seq.encoder", "part", "encoder", _source_specs(cfg), static + state,
+        encoder = ModelSpec("luong_seq2seq.encoder", "part", "encoder", source_specs(cfg), static + state,
                             dims)
         step = ModelSpec(
             "luong_seq2seq.decoder_step", "part", "decoder-step",

@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from attnserve.errors import InputError
-from attnserve.spec import TensorSpec
+from attnserve.spec import CACHE_AXIS, TensorSpec
 
 
 class Runner:
@@ -85,7 +85,7 @@ class Runner:
                         problems.append(
                             f"axis {dim_name!r} is {size} in {spec.name} but {seen[0]} in {seen[1]}"
                         )
-                    elif size == 0:
+                    elif size == 0 and dim_name != CACHE_AXIS:
                         problems.append(f"{spec.name} has an empty axis {dim_name!r}")
             feed[spec.name] = np.ascontiguousarray(value)
         if problems:

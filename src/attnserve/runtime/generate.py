@@ -36,6 +36,8 @@ class GenerationConfig:
             step takes `name` and returns `next_<name>`.
         max_length: default limit on generated tokens (the end token included).
         attention_output: the step output holding attention weights, if any.
+        length_limit: the most tokens the step graph can take (a learned position
+            table's length); None when unbounded.
     """
 
     bos_id: int
@@ -46,6 +48,7 @@ class GenerationConfig:
     token_input: str = "tokens"
     logits_output: str = "logits"
     attention_output: str | None = None
+    length_limit: int | None = None
 
 
 @dataclass
@@ -61,6 +64,10 @@ class Generation:
 def _check(encoder: Runner, step: Runner, config: GenerationConfig, max_length: int) -> None:
     if max_length < 1:
         raise AttnserveError(f"max_length must be at least 1, got {max_length}")
+    if config.length_limit is not None and max_length > config.length_limit:
+        raise AttnserveError(
+            f"max_length {max_length} is more than this model's {config.length_limit} positions"
+        )
     missing_out = [n for n in config.static + config.state if n not in encoder.output_names]
     step_inputs = (config.token_input,) + config.static + config.state
     missing_in = [n for n in step_inputs if n not in step.input_names]

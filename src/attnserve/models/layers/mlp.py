@@ -4,12 +4,12 @@ from torch import nn
 
 
 class Mlp(nn.Module):
-    """Linear - GELU - Linear (Vaswani et al. 2017, eq. 2, with the GELU of ViT)."""
+    """Linear - activation - Linear (Vaswani et al. 2017, eq. 2: ReLU; ViT uses GELU)."""
 
-    def __init__(self, dim: int, hidden_dim: int):
+    def __init__(self, dim: int, hidden_dim: int, act_layer: type[nn.Module] = nn.GELU):
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden_dim)
-        self.act = nn.GELU()
+        self.act = act_layer()
         self.fc2 = nn.Linear(hidden_dim, dim)
 
     def forward(self, x):
