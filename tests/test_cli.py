@@ -12,6 +12,7 @@ import torch
 
 from attnserve.export import save_state_dict
 from attnserve.models import create_model, list_models
+from attnserve.text import SPECIALS, Vocabulary
 
 CLI = [str(Path(sys.executable).with_name("attnserve"))]
 
@@ -121,8 +122,13 @@ def test_bad_checkpoints_fail_cleanly_and_write_nothing(tmp_path):
         (("bench", "vit", "--backends", "torch,tvm"), ["unknown backend 'tvm'"]),
         (("bench", "vit", "--batch", "1,x"), ["--batch must be comma-separated"]),
         (("bench", "vit", "--batch", "0"), ["positive"]),
+        (("export", "transformer", "--vocab", "missing.json"), ["missing.json is not an attnserve vocabulary"]),
+        (("export", "transformer", "--vocab", "target=small.json"), ["the target vocabulary has 6 tokens"]),
+        (("export", "transformer", "--vocab", "small.json"), ["the source vocabulary has 6 tokens"]),
+        (("export", "vit", "--vocab", "small.json"), ["vit has no 'source' vocabulary"]),
     ],
 )
 def test_user_errors_are_one_sentence(args, fragments, tmp_path):
+    Vocabulary(SPECIALS + ("a", "b")).save(tmp_path / "small.json")
     assert_user_error(run(*args, cwd=tmp_path), *fragments)
     assert not (tmp_path / "out").exists()

@@ -84,3 +84,34 @@ def test_captioner_limits_are_clear_errors(exported_tiny):
         enc.run({"images": np.zeros((1, 3, 48, 48), dtype=np.float32)})
     with pytest.raises(InputError, match=r"images has shape \(1, 1, 32, 32\)"):
         enc.run({"images": np.zeros((1, 1, 32, 32), dtype=np.float32)})
+
+
+def test_text_in_text_out_with_the_vocabularies_saved_beside_the_model(exported_tiny):
+    result = exported_tiny("transformer")
+    vocabs = runtime.load_vocabularies(result.out_dir)
+    assert set(vocabs) == {"source", "target"} and len(vocabs["target"]) == 40
+    ids = vocabs["source"].encode("w5 w9 w12 qqq")  # qqq is out of the vocabulary: <unk>
+    assert ids[3] == vocabs["source"].unk_id
+    enc, step, config = runtime.load_generator(result.out_dir, "ort")
+    translations = []
+    for text in ("w5 w9 w12 qqq", "w30 w31", "w7 w7 w8 w20 w21 w4", "w39"):
+        ids = vocabs["source"].encode(text)
+        tokens = greedy_search(enc, step, {"src": np.array([ids]), "src_lengths": np.array([len(ids)])},
+                               config)[0].tokens
+        words = [vocabs["target"].tokens[t] for t in tokens if t >= 4]
+        translations.append(vocabs["target"].decode(tokens))
+        assert translations[-1] == " ".join(words)
+    assert any(translations), "the untrained model says nothing for every input"
+
+
+def test_a_vocabulary_that_does_not_fit_is_refused_before_export(tmp_path):
+    from attnserve.errors import ExportError
+    from attnserve.export import export_onnx
+    from attnserve.text import SPECIALS, Vocabulary
+
+    small = Vocabulary(SPECIALS + ("a", "b"))
+    with pytest.raises(ExportError, match="the target vocabulary has 6 tokens but transformer"):
+        export_onnx("transformer", tmp_path / "out", vocabularies={"target": small})
+    with pytest.raises(ExportError, match="vit has no 'source' vocabulary"):
+        export_onnx("vit", tmp_path / "out", vocabularies={"source": small})
+    assert not (tmp_path / "out").exists()

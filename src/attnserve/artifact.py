@@ -6,6 +6,7 @@
     <dir>/attnserve.json      the manifest: model name, config, checkpoint, spec,
                               precision, versions
     <dir>/parity.json         the parity report against the eager model
+    <dir>/vocab-<role>.json   text models: the vocabularies (attnserve.text), when given
 
 No torch here: an edge box reads artifacts with numpy and a runtime only.
 """
@@ -22,6 +23,10 @@ from attnserve.spec import ModelSpec
 ONNX_NAME = "model.onnx"
 MANIFEST_NAME = "attnserve.json"
 PARITY_NAME = "parity.json"
+
+
+def vocabulary_file(role: str) -> str:
+    return f"vocab-{role}.json"
 
 
 @dataclass(frozen=True)
@@ -53,3 +58,16 @@ def read_artifact(path: str | Path) -> Artifact:
         except json.JSONDecodeError as e:
             raise AttnserveError(f"{manifest_path} is not valid JSON ({e.msg})") from None
     return Artifact(onnx_path, manifest)
+
+
+def load_vocabularies(path: str | Path) -> dict:
+    """The vocabularies saved beside an exported text model: role -> Vocabulary."""
+    from attnserve.text import Vocabulary
+
+    artifact = read_artifact(path)
+    root = artifact.onnx_path.parent
+    files = (artifact.manifest or {}).get("vocabularies") or {}
+    missing = [f for f in files.values() if not (root / f).is_file()]
+    if missing:
+        raise AttnserveError(f"{root} lacks {', '.join(missing)}, named in its manifest")
+    return {role: Vocabulary.load(root / f) for role, f in files.items()}

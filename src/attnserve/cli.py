@@ -73,15 +73,26 @@ def export_cmd(
     opset: Annotated[int, typer.Option(help="ONNX opset (18 or newer; 20 with custom ops).")] = 20,
     custom_ops: Annotated[bool, typer.Option(help="Use attnserve custom ops where present.")] = True,
     allow_mismatch: Annotated[bool, typer.Option(help="Write the model even if parity fails.")] = False,
+    vocab: Annotated[list[str] | None, typer.Option(
+        help="Text models: ROLE=FILE (source or target) or FILE for every role; saved beside the model.",
+    )] = None,
 ) -> None:
     """Export a model to ONNX and check it against the eager model on ONNX Runtime."""
     from attnserve.export import export_onnx
+    from attnserve.models import get_spec
 
+    vocabularies = {}
+    for item in vocab or []:
+        role, sep, path = item.partition("=")
+        if not sep or "/" in role:  # a bare path
+            role, path = "", item
+        roles = [role] if role else list(get_spec(name, config).vocab_sizes) or ["source"]
+        vocabularies.update({r: Path(path) for r in roles})
     out_dir = output or Path("out") / f"{name}-{config}{'-fp16' if fp16 else ''}"
     with console.status(f"exporting {name} ({config}) and checking parity on ONNX Runtime..."):
         result = export_onnx(
             name, out_dir, config=config, checkpoint=checkpoint, opset=opset,
-            custom_ops=custom_ops, fp16=fp16, allow_mismatch=allow_mismatch,
+            custom_ops=custom_ops, fp16=fp16, allow_mismatch=allow_mismatch, vocabularies=vocabularies,
         )
     for report in result.parity:
         console.print(f"  parity {report.label}: {report.summary()}")

@@ -86,6 +86,9 @@ class ModelSpec:
         preprocessing: how raw data becomes the first input (image size, mean, std,
             colour order); consumed by clients and serving.
         labels: class names where the task has them (None: unnamed classes).
+        vocab_sizes: for text models, the size of each vocabulary by role: "source"
+            (text in) and "target" (text out). Export saves a vocabulary file per role
+            beside the model when given one, and checks its size against this.
     """
 
     name: str
@@ -97,6 +100,7 @@ class ModelSpec:
     tolerances: Mapping[str, Tolerance] = field(default_factory=lambda: dict(DEFAULT_TOLERANCES))
     preprocessing: Mapping[str, object] = field(default_factory=dict)
     labels: tuple[str, ...] | None = None
+    vocab_sizes: Mapping[str, int] = field(default_factory=dict)
 
     @property
     def input_names(self) -> list[str]:
@@ -151,6 +155,7 @@ class ModelSpec:
         d["default_dims"] = dict(self.default_dims)
         d["preprocessing"] = dict(self.preprocessing)
         d["labels"] = list(self.labels) if self.labels is not None else None
+        d["vocab_sizes"] = dict(self.vocab_sizes)
         return d
 
     @classmethod
@@ -170,6 +175,7 @@ class ModelSpec:
             tolerances={k: Tolerance(**v) for k, v in d.get("tolerances", {}).items()},
             preprocessing=dict(d.get("preprocessing", {})),
             labels=tuple(labels) if labels is not None else None,
+            vocab_sizes=dict(d.get("vocab_sizes", {})),
         )
 
 
@@ -245,6 +251,7 @@ def image_captioning_spec(
         outputs=(TensorSpec("logits", "float32", ("batch", target_len, vocab_size)),),
         tolerances=dict(DEFAULT_TOLERANCES),
         preprocessing=image_preprocessing(img_size, mean, std),
+        vocab_sizes={"target": vocab_size},
     )
 
 
@@ -271,4 +278,5 @@ def translation_spec(name: str, config_name: str, cfg) -> ModelSpec:
         outputs=(TensorSpec("logits", "float32", ("batch", cfg.target_len, cfg.tgt_vocab)),),
         default_dims={"src_len": cfg.example_src_len},
         tolerances=dict(DEFAULT_TOLERANCES),
+        vocab_sizes={"source": cfg.src_vocab, "target": cfg.tgt_vocab},
     )

@@ -14,6 +14,7 @@ import os
 import shutil
 import tempfile
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,13 +24,14 @@ import onnx
 import torch
 
 from attnserve import __version__
-from attnserve.artifact import MANIFEST_NAME, ONNX_NAME, PARITY_NAME
+from attnserve.artifact import MANIFEST_NAME, ONNX_NAME, PARITY_NAME, vocabulary_file
 from attnserve.compare import ComparisonReport, compare_outputs
 from attnserve.errors import AttnserveError, ExportError, ParityError, first_line
 from attnserve.models import create_model, get_entry
 from attnserve.models.layers import explicit_attention
 from attnserve.ops import onnx_ops
 from attnserve.spec import ModelSpec, TensorSpec
+from attnserve.text import Vocabulary
 
 # ONNX Runtime 1.31 refuses newer IR versions than this (checked, see DESIGN.md).
 MAX_IR_VERSION = 10
@@ -74,6 +76,7 @@ def export_onnx(
     allow_mismatch: bool = False,
     parity_batch_sizes: tuple[int, ...] = PARITY_BATCH_SIZES,
     seed: int = 0,
+    vocabularies: Mapping[str, str | Path | Vocabulary] | None = None,
     **overrides: Any,
 ) -> ExportResult:
     """Export a registered model to `out_dir` and check it against the eager model.
@@ -94,6 +97,9 @@ def export_onnx(
         parity_batch_sizes: batch sizes the parity check runs at.
         seed: initialisation seed when no checkpoint is given (recorded, so the torch
             runner rebuilds the same model).
+        vocabularies: role ("source", "target"; see ModelSpec.vocab_sizes) -> the
+            vocabulary the checkpoint was trained with (a file or a Vocabulary); saved
+            beside the model as vocab-<role>.json so clients turn text into ids and back.
         **overrides: config field overrides.
 
     Raises:
@@ -106,6 +112,7 @@ def export_onnx(
     config_name, cfg = entry.config(config, **overrides)
     model = create_model(name, cfg, str(checkpoint) if checkpoint else None, seed=seed)
     spec = dataclasses.replace(entry.spec_fn(name, config_name, cfg), config=config_name)
+    vocabs = _checked_vocabularies(spec, vocabularies or {})
     precision = "fp16" if fp16 else "fp32"
     graph_spec = _with_float_dtype(spec, "float16") if fp16 else spec
 
@@ -143,6 +150,7 @@ def export_onnx(
                 "--allow-mismatch to keep it anyway.",
                 reports,
             )
+        vocab_files = {role: v.save(staging / vocabulary_file(role)).name for role, v in vocabs.items()}
         _write_json(staging / PARITY_NAME, {
             "passed": passed,
             "precision": precision,
@@ -165,6 +173,7 @@ def export_onnx(
             "spec": graph_spec.to_dict(),
             "parts": part_manifest,
             "generation": dataclasses.asdict(model.generation_config()) if part_manifest else None,
+            "vocabularies": vocab_files,
             "versions": {"attnserve": __version__, "torch": torch.__version__, "onnx": onnx.__version__},
         }
         _write_json(staging / MANIFEST_NAME, manifest)
@@ -183,6 +192,22 @@ def export_onnx(
         shutil.rmtree(staging, ignore_errors=True)
         if not any(out_dir.iterdir()):
             out_dir.rmdir()
+
+
+def _checked_vocabularies(spec: ModelSpec, given: Mapping) -> dict[str, Vocabulary]:
+    vocabs = {}
+    for role, vocab in given.items():
+        if role not in spec.vocab_sizes:
+            roles = ", ".join(spec.vocab_sizes) or "none"
+            raise ExportError(f"{spec.name} has no {role!r} vocabulary (its vocabularies: {roles})")
+        vocab = vocab if isinstance(vocab, Vocabulary) else Vocabulary.load(vocab)
+        if len(vocab) != spec.vocab_sizes[role]:
+            raise ExportError(
+                f"the {role} vocabulary has {len(vocab)} tokens but {spec.name} ({spec.config}) "
+                f"has {spec.vocab_sizes[role]}; is it the vocabulary the checkpoint was trained with?"
+            )
+        vocabs[role] = vocab
+    return vocabs
 
 
 def check_parity(

@@ -110,6 +110,7 @@ def han_spec(name: str, config_name: str, cfg: HANConfig) -> ModelSpec:
         ),
         default_dims={"sentences": cfg.example_sentences, "words": cfg.example_words},
         tolerances=dict(DEFAULT_TOLERANCES),
+        vocab_sizes={"source": cfg.vocab_size},
     )
 
 

@@ -42,7 +42,8 @@ class TransformerConfig:
     num_heads: int = 8  # h
     ffn_dim: int = 2048  # d_ff
     depth: int = 6  # N, in the encoder and in the decoder
-    share_embeddings: bool = True  # one matrix for source, target and output (needs one vocabulary)
+    share_embeddings: bool = True  # one matrix for source and target (needs one vocabulary)
+    tie_output: bool = True  # and the pre-softmax projection
     example_src_len: int = 12
     target_len: int = 10  # the teacher-forced graph's target length
     example_past_len: int = 4  # cache length of the decoder step's example inputs
@@ -55,7 +56,8 @@ class Transformer(nn.Module):
         if cfg.share_embeddings and cfg.src_vocab != cfg.tgt_vocab:
             raise ValueError("share_embeddings needs one vocabulary: src_vocab must equal tgt_vocab")
         self.cfg = cfg
-        self.decoder = TransformerDecoder(cfg.tgt_vocab, cfg.dim, cfg.num_heads, cfg.ffn_dim, cfg.depth)
+        self.decoder = TransformerDecoder(cfg.tgt_vocab, cfg.dim, cfg.num_heads, cfg.ffn_dim, cfg.depth,
+                                          tie_output=cfg.tie_output)
         self.src_embed = self.decoder.embed if cfg.share_embeddings else nn.Embedding(cfg.src_vocab, cfg.dim)
         if not cfg.share_embeddings:
             nn.init.normal_(self.src_embed.weight, std=cfg.dim**-0.5)
@@ -151,7 +153,10 @@ class _DecoderStep(nn.Module):
 
 
 CONFIGS = {
+    # Untrained and tied, the output projection maps a token back onto itself: <bos> forever.
+    # Untied, the random tiny model says something different for each input (as a test wants).
     "tiny": TransformerConfig(src_vocab=40, tgt_vocab=40, dim=32, num_heads=4, ffn_dim=64, depth=2,
+                              share_embeddings=False, tie_output=False,
                               example_src_len=7, target_len=5, example_past_len=3, max_length=12),
     "base": TransformerConfig(),
 }

@@ -38,6 +38,7 @@ class ViTCaptionerConfig:
     ffn_dim: int = 2048
     depth: int = 6
     learned_positions: bool = True
+    tie_output: bool = True
     target_len: int = 16  # the teacher-forced graph's caption length
     example_past_len: int = 4
     max_length: int = 32  # also the length of the learned position table
@@ -53,7 +54,7 @@ class ViTCaptioner(nn.Module):
         self.memory_proj = nn.Linear(width, cfg.dim) if width != cfg.dim else nn.Identity()
         self.decoder = TransformerDecoder(
             cfg.vocab_size, cfg.dim, cfg.num_heads, cfg.ffn_dim, cfg.depth, norm_first=True,
-            max_positions=cfg.max_length if cfg.learned_positions else 0,
+            max_positions=cfg.max_length if cfg.learned_positions else 0, tie_output=cfg.tie_output,
         )
 
     @property
@@ -123,7 +124,7 @@ def captioning_spec(name: str, config_name: str, cfg: ViTCaptionerConfig) -> Mod
 CONFIGS = {
     "tiny": ViTCaptionerConfig(
         encoder=ViTConfig(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2),
-        vocab_size=40, dim=32, num_heads=4, ffn_dim=64, depth=2,
+        vocab_size=40, dim=32, num_heads=4, ffn_dim=64, depth=2, tie_output=False,  # see transformer.py
         target_len=5, example_past_len=3, max_length=12,
     ),
     # ViT-B/16 at 224 and the Transformer base decoder; a 10k-word caption vocabulary.

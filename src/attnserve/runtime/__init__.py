@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from attnserve.artifact import read_artifact
+from attnserve.artifact import load_vocabularies, read_artifact
 from attnserve.errors import AttnserveError, BackendUnavailableError
 from attnserve.runtime.base import Runner
 
@@ -76,4 +76,4 @@ def load_generator(path: str | Path, backend: str = "ort", device: str = "cpu", 
     raise BackendUnavailableError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
 
 
-__all__ = ["BACKENDS", "Runner", "load", "load_generator"]
+__all__ = ["BACKENDS", "Runner", "load", "load_generator", "load_vocabularies"]
