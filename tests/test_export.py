@@ -12,7 +12,7 @@ from attnserve import runtime
 from attnserve.compare import compare_outputs
 from attnserve.errors import ExportError, ParityError
 from attnserve.export import export_onnx, verify_onnx
-from attnserve.models import get_spec, list_models, registry
+from attnserve.models import create_model, get_spec, list_models, registry
 from attnserve.spec import Tolerance
 
 
@@ -24,10 +24,11 @@ def test_tiny_exports_with_parity_at_batch_1_and_3(name, exported_tiny):
     for report in result.parity:
         out = report.outputs[0]
         assert out.max_abs_error < 1e-4 and out.cosine_similarity > 0.99999
-        assert out.top1_agreement == 1.0
+        assert out.top1_agreement in (1.0, None)  # None: no class axis (handwriting's mixture)
     files = sorted(p.name for p in result.out_dir.iterdir())
     parts = sorted(result.parts)  # generative models add one directory per part
-    assert files == sorted(["attnserve.json", "model.onnx", "model.onnx.data", "parity.json", *parts])
+    vocabs = [f"vocab-{role}.json" for role in result.spec.vocab_sizes]  # text models (conftest)
+    assert files == sorted(["attnserve.json", "model.onnx", "model.onnx.data", "parity.json", *parts, *vocabs])
     parity = json.loads((result.out_dir / "parity.json").read_text())
     assert parity["passed"] is True and len(parity["reports"]) == 2
     for r in parity["reports"]:
@@ -98,7 +99,14 @@ def test_convolutional_models_take_other_image_sizes(exported_tiny):
     assert report.passed, report.failures()
 
 
-@pytest.mark.parametrize("name", list_models())
+# The captioners' fp16 paths are their blocks' (ResNet trunk, LSTM cell, ViT, the Transformer
+# decoder), each exported in fp16 here by another model; exporting their three graphs again
+# in fp16 would add a minute to the suite.
+FP16_MODELS = [n for n in list_models()
+               if n not in ("show_attend_tell", "semantic_attention_caption", "vit_captioner")]
+
+
+@pytest.mark.parametrize("name", FP16_MODELS)
 def test_fp16_export_within_fp16_tolerance(name, tmp_path):
     result = export_onnx(name, tmp_path / name, fp16=True)
     assert result.passed and result.precision == "fp16"
@@ -108,10 +116,12 @@ def test_fp16_export_within_fp16_tolerance(name, tmp_path):
         want = onnx.TensorProto.FLOAT16 if t.dtype == "float32" else onnx.TensorProto.INT64
         assert graph_input.type.tensor_type.elem_type == want
     fp16 = [i for i in model.graph.initializer if i.data_type == onnx.TensorProto.FLOAT16]
-    fp32 = {i.name for i in model.graph.initializer if i.data_type == onnx.TensorProto.FLOAT}
-    assert fp16
+    weights = set(create_model(name).state_dict())
+    fp32 = {i.name for i in model.graph.initializer if i.data_type == onnx.TensorProto.FLOAT and i.name in weights}
+    assert fp16 and weights & {i.name for i in fp16}, "initializers keep the parameter names"
     # fp32 weights only for the fp32 islands: recurrent layers (ops/recurrent.py), whose
-    # weights are cast, reordered and stacked for ONNX's GRU/LSTM.
+    # weights are cast, reordered and stacked for ONNX's GRU/LSTM. (Constants folded from
+    # fp32 arithmetic, like the sinusoidal positions' frequencies, are not weights.)
     recurrent_prep = {"GRU", "LSTM", "Slice", "Concat", "Unsqueeze"}
     for node in model.graph.node:
         if fp32 & set(node.input):

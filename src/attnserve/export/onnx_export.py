@@ -172,7 +172,9 @@ def export_onnx(
             "parity_passed": passed,
             "spec": graph_spec.to_dict(),
             "parts": part_manifest,
-            "generation": dataclasses.asdict(model.generation_config()) if part_manifest else None,
+            # Token generators only: handwriting has parts but samples strokes instead.
+            "generation": (dataclasses.asdict(model.generation_config())
+                           if part_manifest and hasattr(model, "generation_config") else None),
             "vocabularies": vocab_files,
             "versions": {"attnserve": __version__, "torch": torch.__version__, "onnx": onnx.__version__},
         }

@@ -69,7 +69,8 @@ class Transformer(nn.Module):
         """-> cross keys and values (B, N, h, S, d_k), memory_bias (B, S), and the empty
         self-attention cache (B, N, h, 0, d_k) twice."""
         positions = sinusoidal_positions(torch.arange(src.shape[1]), self.cfg.dim)
-        x = self.src_embed(src) * self.cfg.dim**0.5 + positions
+        x = self.src_embed(src) * self.cfg.dim**0.5
+        x = x + positions.to(x.dtype)
         memory_bias = padding_bias(src_lengths, src.shape[1], x.dtype)
         attention_bias = memory_bias[:, None, None, :]
         for layer in self.encoder:

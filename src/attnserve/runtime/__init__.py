@@ -45,6 +45,35 @@ def load(path: str | Path, backend: str = "ort", device: str = "cpu", threads: i
     raise BackendUnavailableError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
 
 
+def load_parts(path: str | Path, backend: str = "ort", device: str = "cpu", threads: int = 0):
+    """Open every part of an export in parts: -> (manifest, {part name: Runner}).
+
+    `backend="torch"` rebuilds the eager model from the manifest (same weights), the
+    reference the exported parts are compared with.
+    """
+    artifact = read_artifact(path)
+    m = artifact.manifest or {}
+    if not m.get("parts"):
+        raise AttnserveError(f"{path} is not exported in parts (no encoder and decoder-step graphs)")
+    if backend == "ort":
+        from attnserve.runtime.ort import OrtRunner
+
+        root = artifact.onnx_path.parent
+        return m, {part: OrtRunner(root / entry["onnx"], device=device, threads=threads)
+                   for part, entry in m["parts"].items()}
+    if backend == "torch":
+        if device != "cpu":
+            raise BackendUnavailableError("the torch reference runner runs on the CPU only")
+        try:
+            from attnserve.runtime.torch_runner import TorchRunner, eager_model
+        except ImportError:
+            raise BackendUnavailableError("the torch backend needs PyTorch installed") from None
+        model, _ = eager_model(m)
+        return m, {part: TorchRunner(module, spec, threads=threads)
+                   for part, (module, spec) in model.export_parts().items()}
+    raise BackendUnavailableError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+
+
 def load_generator(path: str | Path, backend: str = "ort", device: str = "cpu", threads: int = 0):
     """Open a generative model's two parts: returns (encoder, decoder_step, config) for
     `attnserve.runtime.generate.greedy_search` / `beam_search`.
@@ -54,26 +83,13 @@ def load_generator(path: str | Path, backend: str = "ort", device: str = "cpu", 
     """
     from attnserve.runtime.generate import GenerationConfig
 
-    artifact = read_artifact(path)
-    m = artifact.manifest or {}
+    m = read_artifact(path).manifest or {}
     if not m.get("parts") or not m.get("generation"):
         raise AttnserveError(f"{path} is not a generative model export (no encoder and decoder-step parts)")
     g = m["generation"]
     config = GenerationConfig(**{**g, "static": tuple(g["static"]), "state": tuple(g["state"])})
-    if backend == "ort":
-        from attnserve.runtime.ort import OrtRunner
-
-        root = artifact.onnx_path.parent
-        return (OrtRunner(root / m["parts"]["encoder"]["onnx"], device=device, threads=threads),
-                OrtRunner(root / m["parts"]["decoder_step"]["onnx"], device=device, threads=threads), config)
-    if backend == "torch":
-        from attnserve.runtime.torch_runner import TorchRunner, eager_model
-
-        model, _ = eager_model(m)
-        parts = model.export_parts()
-        return (TorchRunner(*parts["encoder"], threads=threads),
-                TorchRunner(*parts["decoder_step"], threads=threads), config)
-    raise BackendUnavailableError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    _, parts = load_parts(path, backend, device, threads)
+    return parts["encoder"], parts["decoder_step"], config
 
 
-__all__ = ["BACKENDS", "Runner", "load", "load_generator", "load_vocabularies"]
+__all__ = ["BACKENDS", "Runner", "load", "load_generator", "load_parts", "load_vocabularies"]

@@ -52,7 +52,8 @@ class Bottleneck(nn.Module):
 
 
 class ResNet(nn.Module):
-    """7x7 stem, max pool, four bottleneck stages, global average pool, classifier."""
+    """7x7 stem, max pool, bottleneck stages (four in the classifiers; captioners stop
+    earlier for a finer grid), global average pool, classifier."""
 
     def __init__(self, layers: Sequence[int], num_classes: int, in_chans: int = 3,
                  stem_width: int = 64, attn_factory: AttnFactory | None = None):
@@ -70,6 +71,7 @@ class ResNet(nn.Module):
                 blocks.append(Bottleneck(in_chs, planes, stride, attn_factory))
                 in_chs = planes * Bottleneck.expansion
             self.add_module(f"layer{i + 1}", nn.Sequential(*blocks))
+        self.num_stages = len(layers)
         self.num_features = in_chs
         self.fc = nn.Linear(in_chs, num_classes)
         for m in self.modules():
@@ -80,8 +82,11 @@ class ResNet(nn.Module):
                 nn.init.zeros_(m.bias)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """images -> the last stage's feature map (B, C, H / stride, W / stride)."""
         x = self.maxpool(self.act1(self.bn1(self.conv1(x))))
-        return self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        for i in range(self.num_stages):
+            x = getattr(self, f"layer{i + 1}")(x)
+        return x
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = self.forward_features(images).mean(dim=(2, 3))  # (B, C) global average pool

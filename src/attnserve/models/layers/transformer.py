@@ -187,7 +187,8 @@ class TransformerDecoder(nn.Module):
         averaged over heads."""
         past = self_keys.shape[3]
         T = tokens.shape[1]
-        x = self.embed(tokens) * math.sqrt(self.dim) + self._positions(past, T)
+        x = self.embed(tokens) * math.sqrt(self.dim)
+        x = x + self._positions(past, T).to(x.dtype)
         # A token sees every cached token and the new ones up to itself.
         self_bias = torch.cat([torch.zeros(T, past, dtype=x.dtype), causal_bias(T, x.dtype)], dim=1)
         if memory_bias is not None:
