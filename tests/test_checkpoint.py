@@ -30,6 +30,17 @@ def test_round_trip(name, suffix, tmp_path):
     assert not torch.equal(_outputs(create_model(name), name), _outputs(trained, name))
 
 
+@pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
+def test_tied_weights_round_trip(suffix, tmp_path):
+    """The paper's Transformer shares one matrix three ways; safetensors stores shared
+    tensors only as copies, and loading must tie them again."""
+    tied = {"share_embeddings": True, "tie_output": True}
+    trained = create_model("transformer", seed=123, **tied)
+    loaded = create_model("transformer", checkpoint=str(save_state_dict(trained, tmp_path / f"w{suffix}")), **tied)
+    assert loaded.decoder.out_proj.weight is loaded.decoder.embed.weight is loaded.src_embed.weight
+    assert torch.equal(_outputs(trained, "transformer"), _outputs(loaded, "transformer"))
+
+
 def test_wrapped_and_data_parallel_checkpoints_load(tmp_path):
     trained = create_model("vit", seed=5)
     sd = {f"module.{k}": v for k, v in trained.state_dict().items()}

@@ -128,7 +128,9 @@ def save_state_dict(model: nn.Module, path: str | Path) -> Path:
     if path.suffix == ".safetensors":
         from safetensors.torch import save_file
 
-        save_file(sd, str(path))
+        # safetensors refuses tensors that share memory (tied embedding and output
+        # weights); each name gets its own copy, and loading ties them again.
+        save_file({k: v.clone() for k, v in sd.items()}, str(path))
     else:
         torch.save(sd, path)
     return path
