@@ -38,8 +38,15 @@ from torch import nn
 from attnserve.models.layers import Bottleneck, ResNet
 from attnserve.models.registry import register_model
 from attnserve.runtime.generate import GenerationConfig
-from attnserve.spec import ModelSpec, TensorSpec, image_captioning_spec
+from attnserve.spec import ModelSpec, TensorSpec, Tolerance, image_captioning_spec
 from attnserve.text import Vocabulary
+
+# The annotations are the raw output of 30 bottleneck blocks (ResNet-101 to layer 3).
+# Measured with batch-norm statistics calibrated to a trained network's scale
+# (benchmarks/generation.py): eager float32 and ONNX Runtime float32 each differ from a
+# float64 run by up to 4e-3 where |a| <= 22, so neither meets 1e-4 absolute; this is the
+# trunk's float32 round-off, not a disagreement between the two.
+TRUNK_TOLERANCE = Tolerance(atol=1e-2, rtol=1e-3)
 
 
 @dataclass(frozen=True)
@@ -153,6 +160,7 @@ class ShowAttendTell(nn.Module):
         state = (TensorSpec("hidden", "float32", ("batch", H)), TensorSpec("cell", "float32", ("batch", H)))
         whole = captioning_spec("show_attend_tell", "part", cfg)  # the images and their preprocessing
         encoder = ModelSpec("show_attend_tell.encoder", "part", "encoder", whole.inputs[:1], static + state,
+                            tolerances={**whole.tolerances, "fp32": TRUNK_TOLERANCE},
                             preprocessing=whole.preprocessing)
         step = ModelSpec(
             "show_attend_tell.decoder_step", "part", "decoder-step",
