@@ -132,3 +132,13 @@ def test_user_errors_are_one_sentence(args, fragments, tmp_path):
     Vocabulary(SPECIALS + ("a", "b")).save(tmp_path / "small.json")
     assert_user_error(run(*args, cwd=tmp_path), *fragments)
     assert not (tmp_path / "out").exists()
+
+
+def test_repo_build(tmp_path, exported_tiny):
+    result = run("repo", "build", exported_tiny("vit").out_dir, "-o", tmp_path / "repo", "--preferred", "2,4",
+                 "--max-batch-size", "4")
+    assert result.returncode == 0, result.stderr
+    assert "vit-tiny" in result.stdout and (tmp_path / "repo" / "vit-tiny" / "config.pbtxt").is_file()
+    assert_user_error(run("repo", "build", exported_tiny("vit").out_dir, "-o", tmp_path / "r2", "--preferred", "8",
+                          "--max-batch-size", "4"), "must lie in 1..max_batch_size")
+    assert not (tmp_path / "r2").exists()

@@ -201,6 +201,33 @@ def demo_cmd(
     console.print(f"outputs are in {out_dir}")
 
 
+repo_app = typer.Typer(help="Triton model repositories.", no_args_is_help=True)
+app.add_typer(repo_app, name="repo")
+
+
+@repo_app.command("build")
+def repo_build_cmd(
+    exports: Annotated[list[Path], typer.Argument(help="Export directories written by `attnserve export`.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Repository to write.")] = Path("out/repo"),
+    flavor: Annotated[str, typer.Option(help="native: Triton's own ONNX Runtime backend.")] = "native",
+    max_batch_size: Annotated[int, typer.Option(help="Largest batch the dynamic batcher forms.")] = 8,
+    preferred: Annotated[str, typer.Option(help="Preferred batch sizes, comma-separated.")] = "4,8",
+    queue_delay_us: Annotated[int, typer.Option(help="Longest wait for a batch, in us.")] = 500,
+    dynamic_batching: Annotated[bool, typer.Option(help="Batch concurrent requests in the server.")] = True,
+    instances: Annotated[int, typer.Option(help="Model instances per device.")] = 1,
+    device: Annotated[str, typer.Option(help="cpu or gpu.")] = "cpu",
+) -> None:
+    """Write a Triton model repository (config.pbtxt from each model's spec)."""
+    from attnserve.serving import ServingPolicy, build_repository
+
+    policy = ServingPolicy(max_batch_size, tuple(_csv_ints(preferred, "--preferred")), queue_delay_us,
+                           dynamic_batching, instances, device)
+    repo = build_repository(exports, output, flavor, policy)
+    for folder in sorted(p for p in repo.iterdir() if p.is_dir()):
+        console.print(f"  {folder.name}")
+    console.print(f"wrote {repo} ({flavor} flavor)")
+
+
 def main() -> None:
     try:
         app()
