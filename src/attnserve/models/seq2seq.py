@@ -32,6 +32,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from attnserve.models.layers import padding_bias
 from attnserve.models.registry import register_model
 from attnserve.ops import gru_layer, lstm_layer
 from attnserve.runtime.generate import GenerationConfig
@@ -79,8 +80,7 @@ class BahdanauSeq2Seq(nn.Module):
         forward, _ = gru_layer(self.encoder_fwd, x, src_lengths)
         backward, backward_last = gru_layer(self.encoder_bwd, x, src_lengths, reverse=True)
         memory = torch.cat([forward, backward], dim=-1)  # (B, S, 2H): h_j = [h->_j; h<-_j]
-        valid = torch.arange(src.shape[1], device=src.device).unsqueeze(0) < src_lengths.unsqueeze(1)
-        memory_bias = torch.zeros(valid.shape, dtype=memory.dtype).masked_fill(~valid, float("-inf"))
+        memory_bias = padding_bias(src_lengths, src.shape[1], memory.dtype)
         state = torch.tanh(self.init_state(backward_last))  # s_0 = tanh(W_s h<-_1)
         return memory, self.align_memory(memory), memory_bias, state
 
@@ -216,8 +216,7 @@ class LuongSeq2Seq(nn.Module):
             x, h, c = lstm_layer(self.encoder, x, src_lengths, layer)
             hidden.append(h)
             cell.append(c)
-        valid = torch.arange(src.shape[1], device=src.device).unsqueeze(0) < src_lengths.unsqueeze(1)
-        memory_bias = torch.zeros(valid.shape, dtype=x.dtype).masked_fill(~valid, float("-inf"))
+        memory_bias = padding_bias(src_lengths, src.shape[1], x.dtype)
         feed = torch.zeros_like(hidden[-1])
         return (x, memory_bias, src_lengths.to(x.dtype), torch.stack(hidden, dim=1), torch.stack(cell, dim=1),
                 feed)

@@ -22,10 +22,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from attnserve.models.layers import padding_bias
 from attnserve.models.layers.transformer import (
     EncoderLayer,
     TransformerDecoder,
-    padding_bias,
     sinusoidal_positions,
 )
 from attnserve.models.registry import register_model

@@ -5,6 +5,7 @@ from attnserve.models.layers.attention import (
     ClassAttention,
     TalkingHeadAttention,
     explicit_attention,
+    padding_bias,
     scaled_dot_product,
 )
 from attnserve.models.layers.block import Block
@@ -16,5 +17,5 @@ from attnserve.models.layers.squeeze_excite import Cbam, SqueezeExcite
 __all__ = [
     "Attention", "Block", "Bottleneck", "Cbam", "ClassAttention", "Mlp", "PatchEmbed",
     "ResNet", "SqueezeExcite", "TalkingHeadAttention", "explicit_attention",
-    "resample_pos_embed", "scaled_dot_product",
+    "padding_bias", "resample_pos_embed", "scaled_dot_product",
 ]

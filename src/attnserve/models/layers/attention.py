@@ -42,6 +42,12 @@ def scaled_dot_product(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale:
     return attn.softmax(dim=-1) @ v
 
 
+def padding_bias(lengths: torch.Tensor, size: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """(B,) lengths -> (B, size): 0 for real positions, -inf for padding."""
+    valid = torch.arange(size, device=lengths.device).unsqueeze(0) < lengths.unsqueeze(1)
+    return torch.zeros(valid.shape, dtype=dtype, device=lengths.device).masked_fill(~valid, float("-inf"))
+
+
 class Attention(nn.Module):
     """Multi-head self-attention (Vaswani et al. 2017, sec. 3.2.2) with a fused qkv."""
 

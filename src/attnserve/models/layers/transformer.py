@@ -34,12 +34,6 @@ def sinusoidal_positions(positions: torch.Tensor, dim: int) -> torch.Tensor:
     return torch.stack([angles.sin(), angles.cos()], dim=-1).flatten(1)
 
 
-def padding_bias(lengths: torch.Tensor, size: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """(B,) lengths -> (B, size): 0 for real positions, -inf for padding."""
-    valid = torch.arange(size, device=lengths.device).unsqueeze(0) < lengths.unsqueeze(1)
-    return torch.zeros(valid.shape, dtype=dtype, device=lengths.device).masked_fill(~valid, float("-inf"))
-
-
 def causal_bias(size: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """(T, T): position t sees positions <= t (the decoder's mask, sec. 3.2.3)."""
     return torch.full((size, size), float("-inf"), dtype=dtype).triu(1)
