@@ -43,6 +43,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from attnserve.models.parts import encoder_and_step
 from attnserve.models.registry import register_model
 from attnserve.ops.recurrent import lstm_layer_op
 from attnserve.runtime.sampling import STATE_NAMES, STATIC_NAMES
@@ -192,7 +193,7 @@ class HandwritingSynthesis(nn.Module):
                TensorSpec("attention_past_end", "float32", ("batch",))),
             dims,
         )
-        return {"encoder": (_Encoder(self), encoder), "decoder_step": (_Step(self), step)}
+        return encoder_and_step(self, encoder, step)
 
 
 def _positions(characters: torch.Tensor) -> torch.Tensor:
@@ -216,28 +217,6 @@ def _window_weights(alpha, beta, kappa, positions):
     with alpha, beta, kappa (B, K) -> (B, U)."""
     distance = kappa.unsqueeze(2) - positions.unsqueeze(-2)  # (B, K, U)
     return (alpha.unsqueeze(2) * torch.exp(-beta.unsqueeze(2) * distance.square())).sum(dim=1)
-
-
-class _Encoder(nn.Module):
-    """The encoder part: run once per text."""
-
-    def __init__(self, model: HandwritingSynthesis):
-        super().__init__()
-        self.model = model
-
-    def forward(self, text, text_lengths):
-        return self.model.encode(text, text_lengths)
-
-
-class _Step(nn.Module):
-    """The step part: run once per generated point."""
-
-    def __init__(self, model: HandwritingSynthesis):
-        super().__init__()
-        self.model = model
-
-    def forward(self, stroke, characters, text_mask, bias, hidden, cell, window, kappa):
-        return self.model.step(stroke, characters, text_mask, bias, hidden, cell, window, kappa)
 
 
 def _text_specs(cfg: HandwritingConfig) -> tuple[TensorSpec, ...]:

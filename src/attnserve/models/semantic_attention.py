@@ -38,6 +38,7 @@ from torch import nn
 
 from attnserve.errors import InputError
 from attnserve.models.layers import ResNet
+from attnserve.models.parts import encoder_and_step
 from attnserve.models.registry import register_model
 from attnserve.runtime.generate import GenerationConfig
 from attnserve.spec import ModelSpec, TensorSpec, image_captioning_spec
@@ -168,35 +169,11 @@ class SemanticAttentionCaptioner(nn.Module):
             + (TensorSpec("attention", "float32", ("batch", K)),
                TensorSpec("input_attention", "float32", ("batch", K))),
         )
-        return {"encoder": (_Encoder(self), encoder), "decoder_step": (_DecoderStep(self), step)}
+        return encoder_and_step(self, encoder, step)
 
 
 # The encoder outputs every step reads unchanged.
 _STATIC = ("attribute_embeddings", "input_keys", "attribute_features", "output_keys")
-
-
-class _Encoder(nn.Module):
-    """The encoder part: run once per image."""
-
-    def __init__(self, model: SemanticAttentionCaptioner):
-        super().__init__()
-        self.model = model
-
-    def forward(self, images):
-        return self.model.encode(images)
-
-
-class _DecoderStep(nn.Module):
-    """The decoder-step part: run once per generated word."""
-
-    def __init__(self, model: SemanticAttentionCaptioner):
-        super().__init__()
-        self.model = model
-
-    def forward(self, tokens, attribute_embeddings, input_keys, attribute_features, output_keys,
-                hidden, cell):
-        return self.model.step(tokens, attribute_embeddings, input_keys, attribute_features, output_keys,
-                               hidden, cell)
 
 
 CONFIGS = {

@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from attnserve.models.layers import padding_bias
+from attnserve.models.parts import encoder_and_step
 from attnserve.models.registry import register_model
 from attnserve.ops import gru_layer, lstm_layer
 from attnserve.runtime.generate import GenerationConfig
@@ -129,29 +130,7 @@ class BahdanauSeq2Seq(nn.Module):
              TensorSpec("attention", "float32", ("batch", "src_len"))),
             dims,
         )
-        return {"encoder": (_Encoder(self), encoder), "decoder_step": (_DecoderStep(self), step)}
-
-
-class _Encoder(nn.Module):
-    """The encoder part: run once per source."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, src, src_lengths):
-        return self.model.encode(src, src_lengths)
-
-
-class _DecoderStep(nn.Module):
-    """The decoder-step part: run once per generated token."""
-
-    def __init__(self, model: BahdanauSeq2Seq):
-        super().__init__()
-        self.model = model
-
-    def forward(self, tokens, memory, keys, memory_bias, state):
-        return self.model.step(tokens, memory, keys, memory_bias, state)
+        return encoder_and_step(self, encoder, step)
 
 
 CONFIGS = {
@@ -290,16 +269,7 @@ class LuongSeq2Seq(nn.Module):
             + (TensorSpec("attention", "float32", ("batch", "src_len")),),
             dims,
         )
-        return {"encoder": (_Encoder(self), encoder), "decoder_step": (_LuongStep(self), step)}
-
-
-class _LuongStep(nn.Module):
-    def __init__(self, model: LuongSeq2Seq):
-        super().__init__()
-        self.model = model
-
-    def forward(self, tokens, memory, memory_bias, memory_length, hidden, cell, feed):
-        return self.model.step(tokens, memory, memory_bias, memory_length, hidden, cell, feed)
+        return encoder_and_step(self, encoder, step)
 
 
 def _tiny_luong(**kw) -> LuongConfig:

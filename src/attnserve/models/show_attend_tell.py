@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from attnserve.models.layers import Bottleneck, ResNet
+from attnserve.models.parts import encoder_and_step
 from attnserve.models.registry import register_model
 from attnserve.runtime.generate import GenerationConfig
 from attnserve.spec import ModelSpec, TensorSpec, Tolerance, image_captioning_spec
@@ -170,29 +171,7 @@ class ShowAttendTell(nn.Module):
              TensorSpec("next_cell", "float32", ("batch", H)),
              TensorSpec("attention", "float32", ("batch", L))),
         )
-        return {"encoder": (_Encoder(self), encoder), "decoder_step": (_DecoderStep(self), step)}
-
-
-class _Encoder(nn.Module):
-    """The encoder part: run once per image."""
-
-    def __init__(self, model: ShowAttendTell):
-        super().__init__()
-        self.model = model
-
-    def forward(self, images):
-        return self.model.encode(images)
-
-
-class _DecoderStep(nn.Module):
-    """The decoder-step part: run once per generated word."""
-
-    def __init__(self, model: ShowAttendTell):
-        super().__init__()
-        self.model = model
-
-    def forward(self, tokens, annotations, annotation_keys, hidden, cell):
-        return self.model.step(tokens, annotations, annotation_keys, hidden, cell)
+        return encoder_and_step(self, encoder, step)
 
 
 def _tiny(**kw) -> ShowAttendTellConfig:

@@ -28,6 +28,7 @@ from attnserve.models.layers.transformer import (
     TransformerDecoder,
     sinusoidal_positions,
 )
+from attnserve.models.parts import encoder_and_step
 from attnserve.models.registry import register_model
 from attnserve.runtime.generate import GenerationConfig
 from attnserve.spec import CACHE_AXIS, ModelSpec, TensorSpec, source_specs, translation_spec
@@ -107,7 +108,7 @@ class Transformer(nn.Module):
                             static + cache_specs(cfg.depth, cfg.num_heads, cfg.dim, past=0), dims)
         step = decoder_step_spec("transformer", cfg.tgt_vocab, static, cfg.depth, cfg.num_heads, cfg.dim,
                                  "src_len", dims)
-        return {"encoder": (_Encoder(self), encoder), "decoder_step": (_DecoderStep(self), step)}
+        return encoder_and_step(self, encoder, step)
 
 
 def cross_attention_specs(depth: int, heads: int, dim: int, memory_axis: str) -> tuple[TensorSpec, ...]:
@@ -133,24 +134,6 @@ def decoder_step_spec(name: str, vocab: int, static: tuple[TensorSpec, ...], dep
         + (TensorSpec("attention", "float32", ("batch", memory_axis)),),
         dims,
     )
-
-
-class _Encoder(nn.Module):
-    def __init__(self, model: Transformer):
-        super().__init__()
-        self.model = model
-
-    def forward(self, src, src_lengths):
-        return self.model.encode(src, src_lengths)
-
-
-class _DecoderStep(nn.Module):
-    def __init__(self, model: Transformer):
-        super().__init__()
-        self.model = model
-
-    def forward(self, tokens, cross_keys, cross_values, memory_bias, self_keys, self_values):
-        return self.model.step(tokens, cross_keys, cross_values, memory_bias, self_keys, self_values)
 
 
 CONFIGS = {

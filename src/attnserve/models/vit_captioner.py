@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from attnserve.models.layers.transformer import TransformerDecoder
+from attnserve.models.parts import encoder_and_step
 from attnserve.models.registry import register_model
 from attnserve.models.transformer import cache_specs, cross_attention_specs, decoder_step_spec
 from attnserve.models.vit import VisionTransformer, ViTConfig
@@ -94,25 +95,7 @@ class ViTCaptioner(nn.Module):
                             preprocessing=whole.preprocessing)
         step = decoder_step_spec("vit_captioner", cfg.vocab_size, static, cfg.depth, cfg.num_heads, cfg.dim,
                                  self.num_patches, {CACHE_AXIS: cfg.example_past_len})
-        return {"encoder": (_Encoder(self), encoder), "decoder_step": (_DecoderStep(self), step)}
-
-
-class _Encoder(nn.Module):
-    def __init__(self, model: ViTCaptioner):
-        super().__init__()
-        self.model = model
-
-    def forward(self, images):
-        return self.model.encode(images)
-
-
-class _DecoderStep(nn.Module):
-    def __init__(self, model: ViTCaptioner):
-        super().__init__()
-        self.model = model
-
-    def forward(self, tokens, cross_keys, cross_values, self_keys, self_values):
-        return self.model.step(tokens, cross_keys, cross_values, self_keys, self_values)
+        return encoder_and_step(self, encoder, step)
 
 
 def captioning_spec(name: str, config_name: str, cfg: ViTCaptionerConfig) -> ModelSpec:
