@@ -2,11 +2,12 @@
 PYTHON ?= python3
 VENV := .venv
 REF_VENV := .venv-ref
+SERVE_VENV := .venv-serve
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip --disable-pip-version-check -q
 export PIP_PROGRESS_BAR := off
 
-.PHONY: demo test test-fast lint install reference-env clean
+.PHONY: demo test test-fast lint install reference-env serve-env clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,15 +27,26 @@ $(REF_VENV)/.installed: tests/reference/requirements.txt
 
 reference-env: $(REF_VENV)/.installed
 
+# The serving environment: the tritonserver binary from nvidia-pytriton, which pins
+# numpy<2, so it cannot share .venv (numpy 2). Python-backend models import attnserve
+# (numpy + onnxruntime + opencv, no torch) inside the server, hence --no-deps.
+$(SERVE_VENV)/.installed: pyproject.toml requirements-serve.txt
+	$(PYTHON) -m venv $(SERVE_VENV)
+	$(SERVE_VENV)/bin/pip --disable-pip-version-check -q install -r requirements-serve.txt
+	$(SERVE_VENV)/bin/pip --disable-pip-version-check -q install --no-deps -e .
+	touch $@
+
+serve-env: $(SERVE_VENV)/.installed
+
 # Two workers, one per core, each taking whole files: exporting is mostly single-threaded
 # Python (tracing), so the suite takes ~9 minutes instead of ~14. Files keep their exports
 # (the session fixture) within one worker.
 PYTEST := $(VENV)/bin/pytest -q -n 2 --dist loadfile
 
-test: install reference-env
+test: install reference-env serve-env
 	$(PYTEST)
 
-test-fast: install
+test-fast: install serve-env
 	$(PYTEST) -m "not slow and not reference"
 
 lint: install
@@ -44,4 +56,4 @@ demo: install
 	$(VENV)/bin/attnserve demo
 
 clean:
-	rm -rf $(VENV) $(REF_VENV) out
+	rm -rf $(VENV) $(REF_VENV) $(SERVE_VENV) out

@@ -142,3 +142,9 @@ def test_repo_build(tmp_path, exported_tiny):
     assert_user_error(run("repo", "build", exported_tiny("vit").out_dir, "-o", tmp_path / "r2", "--preferred", "8",
                           "--max-batch-size", "4"), "must lie in 1..max_batch_size")
     assert not (tmp_path / "r2").exists()
+
+
+def test_serve_prints_the_docker_command_and_refuses_a_missing_repository(tmp_path):
+    docker = run("serve", tmp_path, "--docker")
+    assert docker.returncode == 0 and "docker run" in docker.stdout and f"-v {tmp_path}:/models" in docker.stdout
+    assert_user_error(run("serve", tmp_path / "nope"), "is not a directory")

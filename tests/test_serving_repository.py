@@ -52,7 +52,9 @@ def test_dynamic_axes_are_minus_one_and_text_models_skip_warmup(tmp_path, export
     assert tokens.data_type == model_config_pb2.TYPE_INT64 and list(tokens.dims) == [-1, -1]
     assert not han.model_warmup  # random token ids and counts would not be valid input
     seq2seq = parse((repo / "bahdanau_seq2seq-tiny" / "config.pbtxt").read_text())
-    assert [list(t.dims) for t in seq2seq.input] == [[-1], [], [5]]  # src, src_lengths, tgt
+    # src, src_lengths (only the batch axis: sent as [batch, 1], reshaped to [batch]), tgt
+    assert [list(t.dims) for t in seq2seq.input] == [[-1], [1], [5]]
+    assert seq2seq.input[1].reshape.shape == [] and seq2seq.input[1].HasField("reshape")
 
 
 def test_labels_become_a_label_file():
@@ -91,3 +93,37 @@ def test_a_directory_that_is_not_an_export_is_refused(tmp_path):
     (tmp_path / "junk").mkdir()
     with pytest.raises(AttnserveError, match="without model.onnx"):
         build_repository([tmp_path / "junk"], tmp_path / "repo")
+
+
+@pytest.mark.parametrize("flavor", ["native", "python"])
+def test_pipelines_and_generation_models_around_the_graphs(tmp_path, exported_tiny, flavor):
+    repo = build_repository([exported_tiny("vit").out_dir, exported_tiny("vit_captioner").out_dir],
+                            tmp_path / "repo", flavor=flavor, policy=ServingPolicy(top_k=3))
+    configs = {p.parent.name: parse(p.read_text()) for p in repo.glob("*/config.pbtxt")}
+    assert sorted(configs) == sorted([
+        "vit-tiny", "vit-tiny-preprocess-jpeg", "vit-tiny-preprocess-frames", "vit-tiny-topk", "vit-tiny-jpeg",
+        "vit-tiny-frames", "vit_captioner-tiny", "vit_captioner-tiny-encoder", "vit_captioner-tiny-decoder_step",
+        "vit_captioner-tiny-generate"])
+    graph = configs["vit-tiny"]
+    assert (graph.backend, graph.platform) == (("python", "") if flavor == "python" else ("", "onnxruntime_onnx"))
+    if flavor == "python":
+        assert graph.parameters["onnx"].string_value == "model.onnx"
+        assert (repo / "vit-tiny" / "1" / "model.py").is_file()
+    jpeg = configs["vit-tiny-jpeg"]
+    assert jpeg.platform == "ensemble" and jpeg.input[0].data_type == model_config_pb2.TYPE_STRING
+    steps = [s.model_name for s in jpeg.ensemble_scheduling.step]
+    assert steps == ["vit-tiny-preprocess-jpeg", "vit-tiny", "vit-tiny-topk"]
+    # Each step's outputs feed the next step's inputs, under the names the models use.
+    assert dict(jpeg.ensemble_scheduling.step[0].output_map) == {"images": "_image"}
+    assert dict(jpeg.ensemble_scheduling.step[1].input_map) == {"images": "_image"}
+    assert [list(o.dims) for o in jpeg.output] == [[3], [3], [3]]
+    assert list(configs["vit-tiny-preprocess-frames"].input[0].dims) == [-1, -1, 3]
+    generate = configs["vit_captioner-tiny-generate"]
+    assert [i.name for i in generate.input] == ["images", "max_length", "beam_width"]
+    assert [i.optional for i in generate.input] == [False, True, True]
+    assert [o.name for o in generate.output] == ["tokens", "length", "score", "text", "attention"]
+    assert (repo / "vit_captioner-tiny-generate" / "1" / "vocab-target.json").is_file()
+    # The step's cache starts empty: its fixed size 0 is served as -1, as is past_len.
+    step = configs["vit_captioner-tiny-decoder_step"]
+    assert list({i.name: i for i in step.input}["self_keys"].dims) == [2, 4, -1, 8]
+    assert list({i.name: i for i in configs["vit_captioner-tiny-encoder"].output}["self_keys"].dims) == [2, 4, -1, 8]

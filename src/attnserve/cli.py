@@ -209,7 +209,9 @@ app.add_typer(repo_app, name="repo")
 def repo_build_cmd(
     exports: Annotated[list[Path], typer.Argument(help="Export directories written by `attnserve export`.")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Repository to write.")] = Path("out/repo"),
-    flavor: Annotated[str, typer.Option(help="native: Triton's own ONNX Runtime backend.")] = "native",
+    flavor: Annotated[str, typer.Option(
+        help="native: Triton's ONNX Runtime backend (NGC container); python: ONNX Runtime inside the "
+             "Python backend (the pip-installed server).")] = "native",
     max_batch_size: Annotated[int, typer.Option(help="Largest batch the dynamic batcher forms.")] = 8,
     preferred: Annotated[str, typer.Option(help="Preferred batch sizes, comma-separated.")] = "4,8",
     queue_delay_us: Annotated[int, typer.Option(help="Longest wait for a batch, in us.")] = 500,
@@ -226,6 +228,48 @@ def repo_build_cmd(
     for folder in sorted(p for p in repo.iterdir() if p.is_dir()):
         console.print(f"  {folder.name}")
     console.print(f"wrote {repo} ({flavor} flavor)")
+
+
+@app.command("serve")
+def serve_cmd(
+    repo: Annotated[Path, typer.Argument(help="A model repository written by `attnserve repo build`.")],
+    host: Annotated[str, typer.Option(help="Address to bind; 0.0.0.0 exposes the server.")] = "127.0.0.1",
+    http_port: Annotated[int, typer.Option(help="HTTP port (0: a free one).")] = 8000,
+    grpc_port: Annotated[int, typer.Option(help="gRPC port (0: a free one).")] = 8001,
+    metrics_port: Annotated[int, typer.Option(help="Prometheus metrics port (0: a free one).")] = 8002,
+    log_file: Annotated[Path, typer.Option(help="Where the server's log goes.")] = Path("tritonserver.log"),
+    python: Annotated[Path | None, typer.Option(
+        help="Interpreter of the serving environment "
+             "(default: $ATTNSERVE_TRITON_PYTHON, else .venv-serve).")] = None,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for the server to come up.")] = 180.0,
+    strict: Annotated[bool, typer.Option(help="Stop if any model fails to load.")] = False,
+    docker: Annotated[bool, typer.Option(
+        help="Only print the docker run command for the NGC container (native flavor).")] = False,
+) -> None:
+    """Serve a repository on a local tritonserver until Ctrl-C."""
+    import time
+
+    from attnserve.serving import TritonServer, docker_command
+
+    if docker:
+        print(docker_command(repo))
+        return
+    server = TritonServer(repo, host=host, http_port=http_port or None, grpc_port=grpc_port or None,
+                          metrics_port=metrics_port or None, log_file=log_file, python=python,
+                          timeout_s=timeout, strict=strict)
+    with server:
+        ready = sorted(n for n, state in server.models.items() if state == "READY")
+        console.print(f"serving {len(ready)} model(s) from {repo}: {', '.join(ready)}")
+        if server.failed:
+            err_console.print(f"[yellow]warning:[/yellow] {server.describe_failures()}", highlight=False,
+                              soft_wrap=True)
+        console.print(f"HTTP {server.http_url}  gRPC {server.grpc_url}  metrics {server.metrics_url}  "
+                      f"log {server.log_file}")
+        console.print(f"in the NGC container (native flavor): {docker_command(repo)}", highlight=False,
+                      soft_wrap=True)
+        while server.running:
+            time.sleep(0.5)
+    raise AttnserveError(f"tritonserver stopped; its log is {log_file}")
 
 
 def main() -> None:

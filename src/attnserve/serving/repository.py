@@ -11,24 +11,36 @@ axes are -1; dynamic batching gets preferred sizes and a queue delay; an instanc
 places the model on the CPU or GPU; float-only models get a warm-up request so the first
 client does not pay for ONNX Runtime's first run.
 
-Flavors: "native" is for Triton's own backends (ONNX Runtime here; TensorRT plans later).
+Flavors: "native" serves the graphs on Triton's own ONNX Runtime backend (the NGC
+container); "python" runs them with ONNX Runtime inside Triton's Python backend (the
+pip-installed server, which ships no ONNX Runtime backend). Both add Python-backend
+models around the graphs:
+
+    <model>-preprocess-jpeg, -preprocess-frames, -topk   image classifiers: decoding,
+    <model>-jpeg, <model>-frames                         resizing, normalising and top-k
+                                                         in the server (ensembles)
+    <model>-encoder, <model>-decoder_step, <model>-generate   generative models: the
+                                                         parts and a BLS loop over them
+
 The repository is staged beside `out_dir` and moved into place only when complete.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from attnserve.artifact import ONNX_NAME, read_artifact
 from attnserve.errors import AttnserveError
 from attnserve.spec import ModelSpec, TensorSpec
 
-FLAVORS = ("native",)
+FLAVORS = ("native", "python")
+TRITON_MODELS = Path(__file__).parent / "triton_models"
 VERSION = "1"
 LABELS_NAME = "labels.txt"
 
@@ -61,6 +73,7 @@ class ServingPolicy:
     instances: int = 1
     device: str = "cpu"
     warmup: bool = True
+    top_k: int = 5
 
     def check(self) -> None:
         if self.max_batch_size < 1:
@@ -82,8 +95,19 @@ def _batched(spec: ModelSpec) -> bool:
 
 
 def _dims(t: TensorSpec, batched: bool) -> str:
-    shape = t.shape[1:] if batched else t.shape
-    return "[ " + ", ".join(str(d) if isinstance(d, int) else "-1" for d in shape) + " ]"
+    return _dim_list([_dim(d) for d in (t.shape[1:] if batched else t.shape)])
+
+
+def _dim(d) -> int:
+    # A fixed size of 0 (a cache that starts empty) is not a valid Triton dim: -1 holds it.
+    return d if isinstance(d, int) and d > 0 else -1
+
+
+def _dim_list(dims: list[int]) -> str:
+    # A tensor that is only its batch axis is sent as [batch, 1] and reshaped for the model.
+    if not dims:
+        return "[ 1 ]\n    reshape: { shape: [ ] }"
+    return "[ " + ", ".join(map(str, dims)) + " ]"
 
 
 def _triton_dtype(t: TensorSpec) -> str:
@@ -114,24 +138,40 @@ def _warmup(spec: ModelSpec, batched: bool) -> str | None:
     return ('model_warmup [\n  {\n    name: "random"\n    batch_size: 1\n' + "\n".join(inputs) + "\n  }\n]")
 
 
-def model_config(name: str, spec: ModelSpec, policy: ServingPolicy = ServingPolicy(),
-                 labels: bool = False, filename: str = ONNX_NAME) -> str:
-    """config.pbtxt for an ONNX model served by Triton's ONNX Runtime backend."""
-    policy.check()
-    batched = _batched(spec)
-    label_output = spec.outputs[0].name if labels else None
-    lines = [f'name: "{name}"', 'platform: "onnxruntime_onnx"', f'default_model_filename: "{filename}"',
-             f"max_batch_size: {policy.max_batch_size if batched else 0}"]
-    lines.append("input [\n" + ",\n".join(_tensor(t, batched) for t in spec.inputs) + "\n]")
-    outputs = [_tensor(t, batched, f'\n    label_filename: "{LABELS_NAME}"' if t.name == label_output else "")
-               for t in spec.outputs]
-    lines.append("output [\n" + ",\n".join(outputs) + "\n]")
+def _parameters(params: dict[str, str]) -> str:
+    return "\n".join(f'parameters {{\n  key: "{k}"\n  value: {{ string_value: "{v}" }}\n}}'
+                     for k, v in params.items())
+
+
+def _scheduling(policy: ServingPolicy, batched: bool) -> list[str]:
+    lines = []
     if batched and policy.dynamic_batching:
         preferred = ", ".join(map(str, policy.preferred_batch_sizes))
         lines.append(f"dynamic_batching {{\n  preferred_batch_size: [ {preferred} ]\n"
                      f"  max_queue_delay_microseconds: {policy.max_queue_delay_us}\n}}")
     kind = "KIND_GPU" if policy.device == "gpu" else "KIND_CPU"
     lines.append(f"instance_group [\n  {{\n    count: {policy.instances}\n    kind: {kind}\n  }}\n]")
+    return lines
+
+
+def model_config(name: str, spec: ModelSpec, policy: ServingPolicy = ServingPolicy(),
+                 labels: bool = False, filename: str = ONNX_NAME, backend: str = "onnxruntime") -> str:
+    """config.pbtxt for an exported ONNX model, run by Triton's ONNX Runtime backend
+    (`backend="onnxruntime"`) or by ONNX Runtime inside the Python backend ("python")."""
+    policy.check()
+    batched = _batched(spec)
+    label_output = spec.outputs[0].name if labels else None
+    lines = [f'name: "{name}"']
+    if backend == "python":
+        lines += ['backend: "python"', _parameters({"onnx": filename})]
+    else:
+        lines += ['platform: "onnxruntime_onnx"', f'default_model_filename: "{filename}"']
+    lines.append(f"max_batch_size: {policy.max_batch_size if batched else 0}")
+    lines.append("input [\n" + ",\n".join(_tensor(t, batched) for t in spec.inputs) + "\n]")
+    outputs = [_tensor(t, batched, f'\n    label_filename: "{LABELS_NAME}"' if t.name == label_output else "")
+               for t in spec.outputs]
+    lines.append("output [\n" + ",\n".join(outputs) + "\n]")
+    lines += _scheduling(policy, batched)
     warmup = _warmup(spec, batched) if policy.warmup else None
     if warmup:
         lines.append(warmup)
@@ -169,7 +209,7 @@ def build_repository(exports: Sequence[str | Path], out_dir: str | Path, flavor:
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-staging-", dir=out_dir.parent))
     try:
         for name, artifact in zip(chosen, artifacts, strict=True):
-            _add_model(staging / name, name, artifact, policy)
+            _add_model(staging, name, artifact, policy, flavor)
         if out_dir.exists():
             shutil.rmtree(out_dir)
         os.replace(staging, out_dir)
@@ -185,16 +225,147 @@ def _model_name(manifest: dict) -> str:
     return name.replace("+", "-").replace(",", "-").replace("=", "")
 
 
-def _add_model(folder: Path, name: str, artifact, policy: ServingPolicy) -> None:
+def _add_model(repo: Path, name: str, artifact, policy: ServingPolicy, flavor: str) -> None:
     spec = artifact.spec
+    _add_onnx_model(repo / name, name, artifact.onnx_path, spec, policy, flavor)
+    parts = artifact.manifest.get("parts") or {}
+    for part, entry in parts.items():
+        part_spec = ModelSpec.from_dict(entry["spec"])
+        _add_onnx_model(repo / f"{name}-{part}", f"{name}-{part}", artifact.onnx_path.parent / entry["onnx"],
+                        part_spec, policy, flavor)
+    if artifact.manifest.get("generation") and {"encoder", "decoder_step"} <= set(parts):
+        _add_generator(repo, name, artifact, policy)
+    if _pipeline_ready(spec):
+        _add_classification_pipelines(repo, name, spec, policy)
+
+
+def _add_onnx_model(folder: Path, name: str, source: Path, spec: ModelSpec, policy: ServingPolicy,
+                    flavor: str) -> None:
     version = folder / VERSION
     version.mkdir(parents=True)
-    source = artifact.onnx_path
     # The weights file's name is recorded inside the graph: the pair keeps its names.
     for f in (source, source.with_name(source.name + ".data")):
         if f.exists():
             shutil.copy2(f, version / f.name)
+    if flavor == "python":
+        shutil.copy2(TRITON_MODELS / "onnx_model.py", version / "model.py")
     if spec.labels:
         (folder / LABELS_NAME).write_text("\n".join(spec.labels) + "\n")
-    config = model_config(name, spec, policy, labels=bool(spec.labels), filename=source.name)
+    backend = "python" if flavor == "python" else "onnxruntime"
+    config = model_config(name, spec, policy, labels=bool(spec.labels), filename=source.name, backend=backend)
     (folder / "config.pbtxt").write_text(config)
+
+
+# Python-backend models around the exported graphs: (name, Triton type, dims) per tensor.
+Tensor = tuple[str, str, list[int]]
+
+
+def _python_config(name: str, inputs: list[Tensor], outputs: list[Tensor], policy: ServingPolicy,
+                   params: dict[str, str], batching: bool = True) -> str:
+    def block(tensors: list[Tensor]) -> str:
+        return ",\n".join(f'  {{\n    name: "{n}"\n    data_type: {dt}\n    dims: {_dim_list(d)}\n  }}'
+                          for n, dt, d in tensors)
+
+    lines = [f'name: "{name}"', 'backend: "python"', f"max_batch_size: {policy.max_batch_size}",
+             f"input [\n{block(inputs)}\n]", f"output [\n{block(outputs)}\n]"]
+    if params:
+        lines.append(_parameters(params))
+    lines += _scheduling(policy if batching else replace(policy, dynamic_batching=False), batched=True)
+    return "\n".join(lines) + "\n"
+
+
+def _add_python_model(folder: Path, module: str, config: str, files: dict[str, str] | None = None) -> None:
+    version = folder / VERSION
+    version.mkdir(parents=True)
+    shutil.copy2(TRITON_MODELS / f"{module}.py", version / "model.py")
+    for filename, text in (files or {}).items():
+        (version / filename).write_text(text)
+    (folder / "config.pbtxt").write_text(config)
+
+
+def _pipeline_ready(spec: ModelSpec) -> bool:
+    """An image classifier with one NCHW float input and preprocessing to build it."""
+    if spec.task != "image-classification" or len(spec.inputs) != 1 or not spec.preprocessing:
+        return False
+    image = spec.inputs[0]
+    return image.dtype == "float32" and len(image.shape) == 4 and image.shape[1] == 3
+
+
+def _add_classification_pipelines(repo: Path, name: str, spec: ModelSpec, policy: ServingPolicy) -> None:
+    """<name>-jpeg and <name>-frames: ensembles that take encoded images or HWC uint8
+    frames, preprocess them in the server, run the model and return the top k."""
+    image, logits = spec.inputs[0], spec.outputs[0]
+    size = spec.preprocessing["image_size"]
+    chw = [3, size, size]
+    classes = logits.shape[-1]
+    k = min(policy.top_k, classes)
+    sources = {"jpeg": ("TYPE_STRING", [1]), "frames": ("TYPE_UINT8", [-1, -1, 3])}
+    for source, (dtype, dims) in sources.items():
+        config = _python_config(
+            f"{name}-preprocess-{source}", [(source, dtype, dims)], [(image.name, "TYPE_FP32", chw)], policy,
+            {"source": source}, batching=source == "jpeg")
+        _add_python_model(repo / f"{name}-preprocess-{source}", "image_preprocess", config,
+                          {"preprocessing.json": json.dumps(spec.preprocessing)})
+    outputs = [("scores", "TYPE_FP32", [k]), ("classes", "TYPE_INT64", [k]), ("labels", "TYPE_STRING", [k])]
+    config = _python_config(f"{name}-topk", [(logits.name, "TYPE_FP32", [classes])], outputs, policy,
+                            {"k": str(k)})
+    labels = spec.labels or [str(i) for i in range(classes)]
+    _add_python_model(repo / f"{name}-topk", "topk", config, {LABELS_NAME: "\n".join(labels) + "\n"})
+    for source, (dtype, dims) in sources.items():
+        steps = [(f"{name}-preprocess-{source}", {source: source}, {image.name: "_image"}),
+                 (name, {image.name: "_image"}, {logits.name: "_logits"}),
+                 (f"{name}-topk", {logits.name: "_logits"}, {n: n for n, _, _ in outputs})]
+        config = _ensemble_config(f"{name}-{source}", [(source, dtype, dims)], outputs, policy, steps)
+        (repo / f"{name}-{source}" / VERSION).mkdir(parents=True)
+        (repo / f"{name}-{source}" / "config.pbtxt").write_text(config)
+
+
+def _ensemble_config(name: str, inputs: list[Tensor], outputs: list[Tensor], policy: ServingPolicy,
+                     steps: list[tuple[str, dict[str, str], dict[str, str]]]) -> str:
+    text = _python_config(name, inputs, outputs, policy, {}, batching=False)
+    head = text[:text.index("instance_group")].replace('backend: "python"', 'platform: "ensemble"')
+
+    def maps(kind: str, m: dict[str, str]) -> str:
+        return "".join(f'\n      {kind} {{ key: "{k}" value: "{v}" }}' for k, v in m.items())
+
+    body = ",\n".join(f'    {{\n      model_name: "{model}"\n      model_version: -1'
+                       f"{maps('input_map', ins)}{maps('output_map', outs)}\n    }}"
+                       for model, ins, outs in steps)
+    return head + f"ensemble_scheduling {{\n  step [\n{body}\n  ]\n}}\n"
+
+
+def _add_generator(repo: Path, name: str, artifact, policy: ServingPolicy) -> None:
+    """<name>-generate: a Python-backend (BLS) model that runs <name>-encoder once and
+    <name>-decoder_step in a loop (greedy or beam search) and returns tokens, text,
+    score and attention weights."""
+    manifest = artifact.manifest
+    parts = manifest["parts"]
+    encoder = ModelSpec.from_dict(parts["encoder"]["spec"])
+    step = ModelSpec.from_dict(parts["decoder_step"]["spec"])
+    inputs: list[Tensor] = [(t.name, _triton_dtype(t), [_dim(d) for d in t.shape[1:]])
+                            for t in encoder.inputs]
+    inputs += [("max_length", "TYPE_INT32", [1]), ("beam_width", "TYPE_INT32", [1])]
+    outputs: list[Tensor] = [("tokens", "TYPE_INT64", [-1]), ("length", "TYPE_INT32", [1]),
+                             ("score", "TYPE_FP32", [1]), ("text", "TYPE_STRING", [1])]
+    attention = manifest["generation"].get("attention_output")
+    if attention:
+        per_token = next(t for t in step.outputs if t.name == attention)
+        outputs.append(("attention", "TYPE_FP32", [-1] * len(per_token.shape)))  # (tokens, *weights)
+    config = _python_config(f"{name}-generate", inputs, outputs, policy, {}, batching=False)
+    config = _optional(config, ("max_length", "beam_width"))
+    files = {"generation.json": json.dumps({
+        "generation": manifest["generation"],
+        "encoder": {"model": f"{name}-encoder", "spec": parts["encoder"]["spec"]},
+        "decoder_step": {"model": f"{name}-decoder_step", "spec": parts["decoder_step"]["spec"]},
+        "vocabulary": (manifest.get("vocabularies") or {}).get("target"),
+    })}
+    target = (manifest.get("vocabularies") or {}).get("target")
+    if target:
+        files[target] = (artifact.onnx_path.parent / target).read_text()
+    _add_python_model(repo / f"{name}-generate", "generate", config, files)
+
+
+def _optional(config: str, names: tuple[str, ...]) -> str:
+    for n in names:
+        config = config.replace(f'name: "{n}"\n', f'name: "{n}"\n    optional: true\n', 1)
+    return config
