@@ -4,7 +4,8 @@ outputs (fp32, max abs error <= 1e-5).
 timm needs torchvision, which does not load beside the CPU build of torch 2.13, so the
 library side runs in the reference environment `.venv-ref` (made by `make test`; see the
 Makefile): it builds each model with random weights and writes the weights, an input
-batch and its output; here we load those weights into our model and compare.
+batch and its output; here we load those weights into our model and compare. The same
+environment holds transformers, for the Hugging Face checkpoints (ViViT).
 """
 
 import subprocess
@@ -14,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from attnserve.models import create_model, get_entry, list_models
+from attnserve.models import create_model, get_entry, get_spec, list_models
 
 ROOT = Path(__file__).resolve().parents[1]
 REF_PYTHON = ROOT / ".venv-ref" / "bin" / "python"
@@ -30,6 +31,10 @@ CASES = {
     "cait_xxs24_224": ("cait", "xxs24", {}),
     "seresnet50": ("se_resnet", "resnet50", {}),
     "swin_tiny_patch4_window7_224": ("swin", "t", {}),
+    # Hugging Face ViViT (model 1): transformers 5's key layout, and the Hub's (the
+    # google/vivit-b-16x2-kinetics400 layout) at ViViT-B size on 4 frames instead of 32.
+    "transformers:vivit_tiny": ("vivit", "tiny", {}),
+    "transformers:vivit_base_4f@hub": ("vivit", "base", {"num_frames": 4}),
 }
 
 pytestmark = [
@@ -51,8 +56,9 @@ def test_foreign_checkpoint_gives_the_same_outputs(entry, reference_dir):
     name, config, overrides = CASES[entry]
     model = create_model(name, config, checkpoint=str(reference_dir / f"{entry}.safetensors"), **overrides)
     data = np.load(reference_dir / f"{entry}.npz")
+    inputs = data[get_spec(name, config, **overrides).input_names[0]]  # images, or video
     with torch.inference_mode():
-        logits = model(torch.from_numpy(data["images"])).numpy()
+        logits = model(torch.from_numpy(inputs)).numpy()
     assert np.abs(logits - data["logits"]).max() <= 1e-5
     assert np.abs(data["logits"]).max() > 0.1, "a degenerate reference output proves nothing"
 

@@ -225,6 +225,40 @@ def image_classification_spec(
     )
 
 
+def video_classification_spec(
+    name: str,
+    config: str,
+    *,
+    num_frames: int,
+    img_size: int,
+    in_chans: int,
+    num_classes: int,
+    tolerances: Mapping[str, Tolerance] | None = None,
+    mean: tuple[float, ...] = (0.5, 0.5, 0.5),
+    std: tuple[float, ...] = (0.5, 0.5, 0.5),
+    frame_stride: int = 1,
+) -> ModelSpec:
+    """The spec every video classifier shares: a clip of `num_frames` float frames in,
+    (batch, frames, channels, height, width) as Hugging Face's video models take
+    `pixel_values`, and logits out.
+
+    The frame count and size are fixed: a model whose position embedding covers the
+    whole clip takes no other. `frame_stride` tells clients how many source frames apart
+    the clip's frames are taken.
+    """
+    preprocessing = {**image_preprocessing(img_size, mean, std), "layout": "NTCHW",
+                     "num_frames": num_frames, "frame_stride": frame_stride}
+    return ModelSpec(
+        name=name,
+        config=config,
+        task="video-classification",
+        inputs=(TensorSpec("video", "float32", ("batch", num_frames, in_chans, img_size, img_size)),),
+        outputs=(TensorSpec("logits", "float32", ("batch", num_classes)),),
+        tolerances=dict(tolerances or DEFAULT_TOLERANCES),
+        preprocessing=preprocessing,
+    )
+
+
 def image_captioning_spec(
     name: str,
     config: str,

@@ -1,10 +1,10 @@
 """Run in the timm reference environment (.venv-ref): build timm models with random
 weights, and write, per model, the state dict, an input batch and timm's output.
 
-    python timm_reference.py OUT_DIR timm_name[@img_size] | torchvision:name ...
+    python timm_reference.py OUT_DIR timm_name[@img_size] | torchvision:name | transformers:case[@hub] ...
 
 writes OUT_DIR/<entry>.safetensors (the weights) and OUT_DIR/<entry>.npz (`images`,
-`logits`). With @img_size, the weights are those of the model at its default size and
+`logits`; transformers' video models: `video`, `logits`, see transformers_reference.py). With @img_size, the weights are those of the model at its default size and
 the output is timm's model built at img_size with timm's own checkpoint filter (which
 resamples the position embedding): the test checks our interpolation against it.
 """
@@ -23,6 +23,11 @@ def main() -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(2)
     for i, entry in enumerate(sys.argv[2:]):
+        if entry.startswith("transformers:"):
+            import transformers_reference  # beside this file
+
+            transformers_reference.write(entry, out_dir, seed=1234 + i)
+            continue
         name, _, size = entry.partition("@")
         torch.manual_seed(1234 + i)
         if name.startswith("torchvision:"):

@@ -14,6 +14,7 @@ from attnserve.models import (  # noqa: F401  (registers)
     transformer,
     vit,
     vit_captioner,
+    vivit,
 )
 from attnserve.models.registry import (
     ModelEntry,

@@ -9,13 +9,13 @@ from attnserve.models.layers.attention import (
     scaled_dot_product,
 )
 from attnserve.models.layers.block import Block
-from attnserve.models.layers.mlp import Mlp
-from attnserve.models.layers.patch_embed import PatchEmbed, resample_pos_embed
+from attnserve.models.layers.mlp import GeluTanh, Mlp
+from attnserve.models.layers.patch_embed import PatchEmbed, TubeletEmbed, resample_pos_embed
 from attnserve.models.layers.resnet import Bottleneck, ResNet
 from attnserve.models.layers.squeeze_excite import Cbam, SqueezeExcite
 
 __all__ = [
-    "Attention", "Block", "Bottleneck", "Cbam", "ClassAttention", "Mlp", "PatchEmbed",
-    "ResNet", "SqueezeExcite", "TalkingHeadAttention", "explicit_attention",
+    "Attention", "Block", "Bottleneck", "Cbam", "ClassAttention", "GeluTanh", "Mlp", "PatchEmbed",
+    "ResNet", "SqueezeExcite", "TalkingHeadAttention", "TubeletEmbed", "explicit_attention",
     "padding_bias", "resample_pos_embed", "scaled_dot_product",
 ]

@@ -28,6 +28,35 @@ class PatchEmbed(nn.Module):
         return x.flatten(2).transpose(1, 2)  # (B, N, D)
 
 
+class TubeletEmbed(nn.Module):
+    """Split a video into non-overlapping t x h x w tubelets and project each to
+    `embed_dim`: ViViT's tubelet embedding (Arnab et al. 2021, sec. 3.2, fig. 3), a 3-D
+    convolution whose kernel is its stride. A tubelet of t = 1 embeds every frame on its
+    own, as ViT embeds an image.
+
+    Takes (B, T, C, H, W), Hugging Face's video layout, and returns the tokens on their
+    (time, space) grid, (B, T / t, (H / h) * (W / w), D); time-major flattening of that
+    grid is Hugging Face's token order.
+    """
+
+    def __init__(self, img_size: int, num_frames: int, tubelet: tuple[int, int, int], in_chans: int,
+                 embed_dim: int):
+        super().__init__()
+        t, h, w = tubelet
+        if num_frames % t or img_size % h or img_size % w:
+            raise ValueError(
+                f"a clip of {num_frames} frames of {img_size}x{img_size} does not split into "
+                f"tubelets of {t}x{h}x{w} (frames x height x width)"
+            )
+        self.grid_size = (num_frames // t, img_size // h, img_size // w)
+        self.num_patches = self.grid_size[0] * self.grid_size[1] * self.grid_size[2]
+        self.proj = nn.Conv3d(in_chans, embed_dim, kernel_size=(t, h, w), stride=(t, h, w))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.proj(x.transpose(1, 2))  # (B, D, T/t, H/h, W/w)
+        return x.flatten(3).permute(0, 2, 3, 1)  # (B, T/t, HW/hw, D)
+
+
 def resample_pos_embed(pos_embed: torch.Tensor, new_grid: int, num_prefix_tokens: int) -> torch.Tensor:
     """Interpolate a (1, prefix + g*g, D) position embedding to a new_grid x new_grid
     patch grid, leaving the prefix (class, distillation) tokens alone.
