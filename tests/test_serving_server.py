@@ -31,7 +31,8 @@ grpcclient = pytest.importorskip("tritonclient.grpc")
 httpclient = pytest.importorskip("tritonclient.http")
 from tritonclient.utils import InferenceServerException, np_to_triton_dtype  # noqa: E402
 
-CLASSIFIERS = ["vit", "swin"]  # swin: the WindowAttention custom op through ONNX Runtime
+# swin: the WindowAttention custom op through ONNX Runtime; vivit: a video classifier.
+CLASSIFIERS = ["vit", "swin", "vivit"]
 GENERATORS = ["vit_captioner", "bahdanau_seq2seq"]
 
 
@@ -92,9 +93,10 @@ def test_served_outputs_equal_eager(server, exports, name, protocol):
     assert report.passed, report.summary()
 
 
-def _photo(seed: int, height: int = 45, width: int = 60) -> np.ndarray:
+def _photo(seed: int, height: int = 45, width: int = 60, shift: int = 0) -> np.ndarray:
     """A smooth RGB test image (JPEG keeps smooth images close to the original)."""
     y, x = np.mgrid[0:height, 0:width]
+    x = x + 3 * shift
     rng = np.random.default_rng(seed)
     phase = rng.uniform(0, 6, 3)
     channels = [127 + 120 * np.sin(x / (7 + 3 * c) + y / (11 - c) + phase[c]) for c in range(3)]
@@ -123,6 +125,71 @@ def test_ensembles_preprocess_classify_and_rank_in_the_server(server, exports, p
             labels = [str(i) for i in range(spec.outputs[0].shape[-1])] if not spec.labels else spec.labels
             assert [[b.decode() for b in row] for row in got["labels"]] == [[labels[i] for i in row]
                                                                             for row in classes]
+
+
+def _video(seed: int, frames: int, height: int = 40, width: int = 48) -> np.ndarray:
+    """Frames of a moving smooth pattern, uint8 (T, H, W, 3)."""
+    return np.stack([_photo(seed, height, width, shift=t) for t in range(frames)])
+
+
+def test_clip_ensemble_classifies_raw_frames_as_the_eager_model(server, exports):
+    export = exports["vivit"]
+    spec = export.spec
+    frames = spec.inputs[0].shape[1]
+    clips = np.stack([_video(1, frames), _video(2, frames)])
+    pixels = np.stack([[preprocess(f, spec.preprocessing) for f in clip] for clip in clips])
+    with runtime.load(export.out_dir, backend="torch") as eager:
+        scores, classes = top_k(eager.run({"video": pixels})["logits"], 5)
+    got = infer("grpc", server.grpc_url, "vivit-tiny-frames", {"frames": clips}, ["scores", "classes"])
+    np.testing.assert_array_equal(got["classes"], classes)
+    np.testing.assert_allclose(got["scores"], scores, atol=1e-4)
+
+
+def _stream(server, model: str, sequence_id: int, frames: np.ndarray, start: bool = True):
+    client = grpcclient.InferenceServerClient(server.grpc_url)
+    answers = []
+    for t, frame in enumerate(frames):
+        x = grpcclient.InferInput("frame", [1, *frame.shape], "UINT8")
+        x.set_data_from_numpy(frame[None])
+        result = client.infer(model, [x], sequence_id=sequence_id, sequence_start=start and t == 0,
+                              sequence_end=t == len(frames) - 1)
+        answers.append({n: result.as_numpy(n)[0] for n in ("ready", "frames", "scores", "classes")})
+    return answers
+
+
+def test_stream_answers_every_stride_with_the_labels_of_clip_by_clip_inference(server, exports):
+    """Two interleaved streams, frame by frame: every answer equals the eager model on
+    the clip of that stream's last T frames."""
+    export = exports["vivit"]
+    spec = export.spec
+    frames = spec.inputs[0].shape[1]
+    stride = max(1, frames // 2)
+    videos = {11: _video(3, frames + 2 * stride), 12: _video(4, frames + 2 * stride)}
+    results = {}
+    threads = [threading.Thread(target=lambda k=k: results.__setitem__(k, _stream(server, "vivit-tiny-stream", k,
+                                                                                  videos[k])))
+               for k in videos]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    with runtime.load(export.out_dir, backend="torch") as eager:
+        for key, video in videos.items():
+            answers = results[key]
+            ready = [t + 1 for t, a in enumerate(answers) if a["ready"][0]]
+            assert ready == [frames, frames + stride, frames + 2 * stride]
+            for seen in ready:
+                clip = np.stack([preprocess(f, spec.preprocessing) for f in video[seen - frames:seen]])
+                scores, classes = top_k(eager.run({"video": clip[None]})["logits"], 5)
+                answer = answers[seen - 1]
+                assert answer["frames"][0] == seen
+                np.testing.assert_array_equal(answer["classes"], classes[0])
+                np.testing.assert_allclose(answer["scores"], scores[0], atol=1e-4)
+
+
+def test_a_stream_that_was_never_started_gets_an_error(server):
+    with pytest.raises(InferenceServerException, match="(?i)start"):
+        _stream(server, "vivit-tiny-stream", 999, _video(5, 1), start=False)
 
 
 def test_concurrent_clients_each_get_their_own_answer(server, exports):
@@ -221,3 +288,30 @@ def test_strict_start_names_the_model_that_did_not_load(tmp_path):
 def test_a_missing_serving_environment_is_one_sentence(tmp_path):
     with pytest.raises(ServerError, match="no Python at"):
         TritonServer(tmp_path, python=tmp_path / "nowhere" / "python").start()
+
+
+def test_a_port_in_use_is_explained_from_the_servers_log(tmp_path):
+    import socket
+
+    _add_broken_model(tmp_path / "repo" / "broken")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        server = TritonServer(tmp_path / "repo", python=SERVE_PYTHON, http_port=port, log_file=tmp_path / "log")
+        with pytest.raises(ServerError, match=r"tritonserver exited with code \d+: failed to start HTTP service: .* already in use"):
+            server.start()
+    assert not server.running
+
+
+def test_readiness_timeout(tmp_path):
+    """A model that takes longer to load than the timeout: one sentence, no server left."""
+    folder = tmp_path / "repo" / "slow"
+    _add_broken_model(folder)
+    (folder / "config.pbtxt").write_text((folder / "config.pbtxt").read_text().replace("broken", "slow"))
+    (folder / "1" / "model.py").write_text("import time\n\nclass TritonPythonModel:\n"
+                                           "    def initialize(self, args):\n        time.sleep(4)\n")
+    server = TritonServer(tmp_path / "repo", python=SERVE_PYTHON, timeout_s=1, log_file=tmp_path / "log")
+    with pytest.raises(ServerError, match="did not answer within 1 s"):
+        server.start()
+    assert not server.running

@@ -230,6 +230,10 @@ def repo_build_cmd(
     console.print(f"wrote {repo} ({flavor} flavor)")
 
 
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
 @app.command("serve")
 def serve_cmd(
     repo: Annotated[Path, typer.Argument(help="A model repository written by `attnserve repo build`.")],
@@ -247,6 +251,7 @@ def serve_cmd(
         help="Only print the docker run command for the NGC container (native flavor).")] = False,
 ) -> None:
     """Serve a repository on a local tritonserver until Ctrl-C."""
+    import signal
     import time
 
     from attnserve.serving import TritonServer, docker_command
@@ -257,6 +262,8 @@ def serve_cmd(
     server = TritonServer(repo, host=host, http_port=http_port or None, grpc_port=grpc_port or None,
                           metrics_port=metrics_port or None, log_file=log_file, python=python,
                           timeout_s=timeout, strict=strict)
+    # `kill` (SIGTERM) stops the server too, as Ctrl-C does: never leave an orphan behind.
+    signal.signal(signal.SIGTERM, _interrupt)
     with server:
         ready = sorted(n for n, state in server.models.items() if state == "READY")
         console.print(f"serving {len(ready)} model(s) from {repo}: {', '.join(ready)}")

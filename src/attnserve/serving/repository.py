@@ -19,6 +19,9 @@ models around the graphs:
     <model>-preprocess-jpeg, -preprocess-frames, -topk   image classifiers: decoding,
     <model>-jpeg, <model>-frames                         resizing, normalising and top-k
                                                          in the server (ensembles)
+    <model>-stream                                       video classifiers: a stream of
+                                                         frames, a sliding window per
+                                                         sequence id in the server
     <model>-encoder, <model>-decoder_step, <model>-generate   generative models: the
                                                          parts and a BLS loop over them
 
@@ -64,6 +67,9 @@ class ServingPolicy:
         instances: model instances (parallel executions) per device.
         device: "cpu" or "gpu" (Triton's KIND_CPU / KIND_GPU).
         warmup: send one request of batch 1 while loading (float-only models).
+        top_k: classes the classification pipelines return.
+        stream_stride: frames between a video stream's answers (0: half the clip).
+        stream_idle_s: a stream that sends nothing for this long is forgotten.
     """
 
     max_batch_size: int = 8
@@ -74,6 +80,8 @@ class ServingPolicy:
     device: str = "cpu"
     warmup: bool = True
     top_k: int = 5
+    stream_stride: int = 0
+    stream_idle_s: int = 60
 
     def check(self) -> None:
         if self.max_batch_size < 1:
@@ -235,8 +243,11 @@ def _add_model(repo: Path, name: str, artifact, policy: ServingPolicy, flavor: s
                         part_spec, policy, flavor)
     if artifact.manifest.get("generation") and {"encoder", "decoder_step"} <= set(parts):
         _add_generator(repo, name, artifact, policy)
-    if _pipeline_ready(spec):
-        _add_classification_pipelines(repo, name, spec, policy)
+    kind = _pipeline_kind(spec)
+    if kind:
+        _add_classification_pipelines(repo, name, spec, policy, kind)
+    if kind == "video":
+        _add_stream(repo, name, spec, policy)
 
 
 def _add_onnx_model(folder: Path, name: str, source: Path, spec: ModelSpec, policy: ServingPolicy,
@@ -283,34 +294,45 @@ def _add_python_model(folder: Path, module: str, config: str, files: dict[str, s
     (folder / "config.pbtxt").write_text(config)
 
 
-def _pipeline_ready(spec: ModelSpec) -> bool:
-    """An image classifier with one NCHW float input and preprocessing to build it."""
-    if spec.task != "image-classification" or len(spec.inputs) != 1 or not spec.preprocessing:
-        return False
-    image = spec.inputs[0]
-    return image.dtype == "float32" and len(image.shape) == 4 and image.shape[1] == 3
+def _pipeline_kind(spec: ModelSpec) -> str | None:
+    """"image" for an image classifier taking one NCHW float input, "video" for a video
+    classifier taking one (N, T, C, H, W) clip, when the spec says how to preprocess."""
+    if len(spec.inputs) != 1 or not spec.preprocessing or spec.inputs[0].dtype != "float32":
+        return None
+    shape = spec.inputs[0].shape
+    if spec.task == "image-classification" and len(shape) == 4 and shape[1] == 3:
+        return "image"
+    if spec.task == "video-classification" and len(shape) == 5 and shape[2] == 3:
+        return "video"
+    return None
 
 
-def _add_classification_pipelines(repo: Path, name: str, spec: ModelSpec, policy: ServingPolicy) -> None:
-    """<name>-jpeg and <name>-frames: ensembles that take encoded images or HWC uint8
-    frames, preprocess them in the server, run the model and return the top k."""
+def _add_classification_pipelines(repo: Path, name: str, spec: ModelSpec, policy: ServingPolicy,
+                                  kind: str) -> None:
+    """Ensembles that take raw input, preprocess it in the server, run the model and
+    return the top k: <name>-jpeg (encoded images) and <name>-frames (RGB uint8 frames:
+    one image, or a clip of T frames for a video model)."""
     image, logits = spec.inputs[0], spec.outputs[0]
     size = spec.preprocessing["image_size"]
-    chw = [3, size, size]
+    pixels = [3, size, size]
+    if kind == "video":
+        frames = image.shape[1]
+        sources = {"frames": ("TYPE_UINT8", [frames, -1, -1, 3])}
+        pixels = [frames, *pixels]
+    else:
+        sources = {"jpeg": ("TYPE_STRING", [1]), "frames": ("TYPE_UINT8", [-1, -1, 3])}
     classes = logits.shape[-1]
     k = min(policy.top_k, classes)
-    sources = {"jpeg": ("TYPE_STRING", [1]), "frames": ("TYPE_UINT8", [-1, -1, 3])}
     for source, (dtype, dims) in sources.items():
-        config = _python_config(
-            f"{name}-preprocess-{source}", [(source, dtype, dims)], [(image.name, "TYPE_FP32", chw)], policy,
-            {"source": source}, batching=source == "jpeg")
+        config = _python_config(f"{name}-preprocess-{source}", [(source, dtype, dims)],
+                                [(image.name, "TYPE_FP32", pixels)], policy, {"source": source},
+                                batching=source == "jpeg")
         _add_python_model(repo / f"{name}-preprocess-{source}", "image_preprocess", config,
                           {"preprocessing.json": json.dumps(spec.preprocessing)})
-    outputs = [("scores", "TYPE_FP32", [k]), ("classes", "TYPE_INT64", [k]), ("labels", "TYPE_STRING", [k])]
+    outputs = _topk_outputs(k)
     config = _python_config(f"{name}-topk", [(logits.name, "TYPE_FP32", [classes])], outputs, policy,
                             {"k": str(k)})
-    labels = spec.labels or [str(i) for i in range(classes)]
-    _add_python_model(repo / f"{name}-topk", "topk", config, {LABELS_NAME: "\n".join(labels) + "\n"})
+    _add_python_model(repo / f"{name}-topk", "topk", config, {LABELS_NAME: _labels_text(spec)})
     for source, (dtype, dims) in sources.items():
         steps = [(f"{name}-preprocess-{source}", {source: source}, {image.name: "_image"}),
                  (name, {image.name: "_image"}, {logits.name: "_logits"}),
@@ -318,6 +340,38 @@ def _add_classification_pipelines(repo: Path, name: str, spec: ModelSpec, policy
         config = _ensemble_config(f"{name}-{source}", [(source, dtype, dims)], outputs, policy, steps)
         (repo / f"{name}-{source}" / VERSION).mkdir(parents=True)
         (repo / f"{name}-{source}" / "config.pbtxt").write_text(config)
+
+
+def _topk_outputs(k: int) -> list[Tensor]:
+    return [("scores", "TYPE_FP32", [k]), ("classes", "TYPE_INT64", [k]), ("labels", "TYPE_STRING", [k])]
+
+
+def _labels_text(spec: ModelSpec) -> str:
+    return "\n".join(spec.labels or [str(i) for i in range(spec.outputs[0].shape[-1])]) + "\n"
+
+
+def _add_stream(repo: Path, name: str, spec: ModelSpec, policy: ServingPolicy) -> None:
+    """<name>-stream: frames of a video sent one at a time under a sequence id; the server
+    keeps each stream's last T frames and answers with the top k every `stride` frames."""
+    clip, logits = spec.inputs[0], spec.outputs[0]
+    frames = clip.shape[1]
+    stride = policy.stream_stride or max(1, frames // 2)
+    k = min(policy.top_k, logits.shape[-1])
+    outputs = [("ready", "TYPE_BOOL", [1]), ("frames", "TYPE_INT64", [1]), *_topk_outputs(k)]
+    params = {"clip_model": name, "clip_input": clip.name, "clip_output": logits.name, "frames": str(frames),
+              "stride": str(stride), "k": str(k)}
+    config = _python_config(f"{name}-stream", [("frame", "TYPE_UINT8", [-1, -1, 3])], outputs, policy, params,
+                            batching=False)
+    # Every request of a sequence goes to the same instance, which holds the windows.
+    controls = ",\n".join(
+        f'    {{\n      name: "{flag}"\n'
+        f"      control [ {{ kind: CONTROL_SEQUENCE_{flag} int32_false_true: [ 0, 1 ] }} ]\n    }}"
+        for flag in ("START", "END"))
+    config = config.replace("instance_group", f"sequence_batching {{\n  max_sequence_idle_microseconds: "
+                            f"{policy.stream_idle_s * 1_000_000}\n  control_input [\n{controls}\n  ]\n}}\n"
+                            "instance_group", 1)
+    _add_python_model(repo / f"{name}-stream", "video_stream", config,
+                      {"preprocessing.json": json.dumps(spec.preprocessing), LABELS_NAME: _labels_text(spec)})
 
 
 def _ensemble_config(name: str, inputs: list[Tensor], outputs: list[Tensor], policy: ServingPolicy,

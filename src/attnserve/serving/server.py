@@ -22,6 +22,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 import urllib.error
@@ -41,6 +42,10 @@ root = os.path.dirname(pytriton.__file__)
 print(json.dumps({"root": root, "libdir": sysconfig.get_config_var("LIBDIR"),
                   "version": "%d.%d" % sys.version_info[:2], "prefix": sys.prefix}))
 """
+
+
+# Errors a CPU-only server logs on every start, and the summary that repeats a model's own.
+_CPU_NOISE = ("CudaDriverHelper", "CUDA driver", "NVML", "DCGM", "failed to load all models")
 
 
 class ServerError(AttnserveError):
@@ -82,7 +87,7 @@ class TritonInstall:
 
 def _default_python() -> Path:
     local = Path.cwd() / ".venv-serve" / "bin" / "python"
-    return local if local.exists() else Path(os.sys.executable)
+    return local if local.exists() else Path(sys.executable)
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -173,7 +178,7 @@ class TritonServer:
         self.log_file.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_file, "wb") as log:
             self._process = subprocess.Popen(self.command(install, self._backends), stdout=log,
-                                             stderr=subprocess.STDOUT, env=env, start_new_session=True)
+                                             stderr=subprocess.STDOUT, env=env, preexec_fn=_detach)
         try:
             self._wait_ready()
         except BaseException:
@@ -181,9 +186,9 @@ class TritonServer:
             raise
         return self
 
-    def _get(self, path: str, method: str = "GET", body: bytes | None = None):
+    def _get(self, path: str, method: str = "GET", body: bytes | None = None, timeout_s: float = 5.0):
         request = urllib.request.Request(f"http://{self.http_url}{path}", data=body, method=method)
-        with urllib.request.urlopen(request, timeout=5) as response:
+        with urllib.request.urlopen(request, timeout=timeout_s) as response:
             return response.status, response.read()
 
     def _wait_ready(self) -> None:
@@ -193,7 +198,9 @@ class TritonServer:
                 raise ServerError(f"tritonserver exited with code {self._process.returncode}: "
                                   f"{self.log_error() or 'see ' + str(self.log_file)}")
             try:
-                if self._get("/v2/health/live")[0] == 200:
+                # Short waits: a port held by another program accepts and never answers.
+                wait = min(2.0, max(0.1, deadline - time.monotonic()))
+                if self._get("/v2/health/live", timeout_s=wait)[0] == 200:
                     break
             except (urllib.error.URLError, ConnectionError, TimeoutError):
                 pass
@@ -215,16 +222,15 @@ class TritonServer:
                          for name, reason in sorted(self.failed.items()))
 
     def log_error(self) -> str | None:
-        """The first error line of the server's log, without its timestamp prefix."""
+        """The server's last error line that is not CPU-only noise, without its prefix."""
         try:
             text = self.log_file.read_text(errors="replace")
         except OSError:
             return None
-        for line in text.splitlines():
-            match = re.match(r"^E\d{4} [\d:.]+ \d+ \S+\] (.*)$", line)
-            if match:
-                return _first_sentence(match.group(1))
-        return None
+        errors = [m.group(1).strip().strip('"').strip() for m in
+                  (re.match(r"^E\d{4} [\d:.]+ \d+ \S+\] (.*)$", line) for line in text.splitlines()) if m]
+        errors = [e for e in errors if not any(noise in e for noise in _CPU_NOISE)]
+        return _first_sentence(errors[-1]) if errors else None
 
     def stop(self) -> None:
         if self._process is not None and self._process.poll() is None:
@@ -248,6 +254,19 @@ class TritonServer:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def _detach() -> None:
+    """In the child: a session of its own (so a terminal's Ctrl-C reaches only us, and we
+    stop the server in order), and SIGTERM when its parent dies (so a killed parent
+    leaves no orphan server holding the ports). Linux sends it when the thread that
+    started the server exits: start servers from a thread that outlives them."""
+    os.setsid()
+    if sys.platform == "linux":
+        import ctypes
+
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def _first_sentence(reason: str) -> str:

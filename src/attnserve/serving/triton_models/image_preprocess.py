@@ -1,5 +1,6 @@
 """Image preprocessing in the server: encoded images ("jpeg": BYTES) or RGB frames
-("frames": uint8 H x W x 3) to the model's normalised NCHW float input.
+("frames": uint8 [..., H, W, 3], one image or a clip of T frames per batch item) to the
+model's normalised float input ([..., 3, S, S]).
 
 A request with an empty or corrupt image gets an error; the others in the batch are
 served.
@@ -31,9 +32,12 @@ class TritonPythonModel:
         try:
             if self.source == "jpeg":
                 images = [decode_image(bytes(item[0])) for item in batch]
+                out = np.stack([preprocess(image, self.preprocessing) for image in images])
             else:
-                images = list(batch)
-            out = np.stack([preprocess(image, self.preprocessing) for image in images])
+                lead = batch.shape[:-3]
+                frames = batch.reshape(-1, *batch.shape[-3:])
+                out = np.stack([preprocess(frame, self.preprocessing) for frame in frames])
+                out = out.reshape(*lead, *out.shape[1:])
         except Exception as e:
             return pb_utils.InferenceResponse(error=pb_utils.TritonError(str(e)))
         return pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(self.output_name, out)])
