@@ -38,3 +38,38 @@ def placeholder_vocabulary(size: int):
     from attnserve.text import SPECIALS, Vocabulary
 
     return Vocabulary(SPECIALS + tuple(f"w{i}" for i in range(len(SPECIALS), size)))
+
+
+# The models the real-server tests serve (python flavor): classifiers (swin with the
+# WindowAttention custom op, vivit a video model), a captioner and a translator.
+SERVED = ["vit", "swin", "vivit", "vit_captioner", "bahdanau_seq2seq"]
+SERVE_PYTHON = ROOT / ".venv-serve" / "bin" / "python"
+
+
+def add_broken_model(folder: Path, name: str = "broken") -> None:
+    """A Python-backend model whose code fails on import."""
+    (folder / "1").mkdir(parents=True)
+    (folder / "1" / "model.py").write_text("raise ImportError('this model is broken on purpose')\n")
+    (folder / "config.pbtxt").write_text(f'name: "{name}"\nbackend: "python"\nmax_batch_size: 0\n'
+                                         'input [ { name: "x" data_type: TYPE_FP32 dims: [ 1 ] } ]\n'
+                                         'output [ { name: "y" data_type: TYPE_FP32 dims: [ 1 ] } ]\n')
+
+
+@pytest.fixture(scope="session")
+def served_exports(exported_tiny):
+    return {name: exported_tiny(name) for name in SERVED}
+
+
+@pytest.fixture(scope="session")
+def triton_server(served_exports, tmp_path_factory):
+    """One real tritonserver per test session (per xdist worker) on the SERVED models and
+    a model that fails to load."""
+    if not SERVE_PYTHON.exists():
+        pytest.skip("no .venv-serve: run `make serve-env`")
+    from attnserve.serving import TritonServer, build_repository
+
+    root = tmp_path_factory.mktemp("serving")
+    repo = build_repository([r.out_dir for r in served_exports.values()], root / "repo", flavor="python")
+    add_broken_model(repo / "broken")
+    with TritonServer(repo, log_file=root / "tritonserver.log", python=SERVE_PYTHON) as server:
+        yield server

@@ -10,7 +10,6 @@ The server runs from the serving environment `.venv-serve` (`make serve-env`).
 from __future__ import annotations
 
 import threading
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,42 +19,30 @@ from attnserve.artifact import read_artifact
 from attnserve.compare import compare_outputs
 from attnserve.imaging import encode_jpeg, preprocess, top_k
 from attnserve.runtime.generate import beam_search, greedy_search
-from attnserve.serving import ServerError, TritonServer, build_repository
+from attnserve.serving import ServerError, TritonServer
 from attnserve.spec import ModelSpec
+from conftest import SERVE_PYTHON, add_broken_model
 
-ROOT = Path(__file__).resolve().parents[1]
-SERVE_PYTHON = ROOT / ".venv-serve" / "bin" / "python"
 pytestmark = pytest.mark.skipif(not SERVE_PYTHON.exists(), reason="no .venv-serve: run `make serve-env`")
 
 grpcclient = pytest.importorskip("tritonclient.grpc")
 httpclient = pytest.importorskip("tritonclient.http")
 from tritonclient.utils import InferenceServerException, np_to_triton_dtype  # noqa: E402
 
-# swin: the WindowAttention custom op through ONNX Runtime; vivit: a video classifier.
 CLASSIFIERS = ["vit", "swin", "vivit"]
 GENERATORS = ["vit_captioner", "bahdanau_seq2seq"]
 
 
 @pytest.fixture(scope="module")
-def exports(exported_tiny):
-    return {name: exported_tiny(name) for name in CLASSIFIERS + GENERATORS}
+def exports(served_exports):
+    return served_exports
 
 
 @pytest.fixture(scope="module")
-def server(exports, tmp_path_factory):
-    root = tmp_path_factory.mktemp("serving")
-    repo = build_repository([r.out_dir for r in exports.values()], root / "repo", flavor="python")
-    _add_broken_model(repo / "broken")
-    with TritonServer(repo, log_file=root / "tritonserver.log", python=SERVE_PYTHON) as s:
-        yield s
+def server(triton_server):
+    return triton_server
 
 
-def _add_broken_model(folder: Path) -> None:
-    (folder / "1").mkdir(parents=True)
-    (folder / "1" / "model.py").write_text("raise ImportError('this model is broken on purpose')\n")
-    (folder / "config.pbtxt").write_text('name: "broken"\nbackend: "python"\nmax_batch_size: 0\n'
-                                         'input [ { name: "x" data_type: TYPE_FP32 dims: [ 1 ] } ]\n'
-                                         'output [ { name: "y" data_type: TYPE_FP32 dims: [ 1 ] } ]\n')
 
 
 def infer(protocol: str, url: str, model: str, inputs: dict[str, np.ndarray], outputs: list[str]):
@@ -280,7 +267,7 @@ def test_bad_requests_get_an_error_and_the_server_keeps_serving(server, exports,
 
 
 def test_strict_start_names_the_model_that_did_not_load(tmp_path):
-    _add_broken_model(tmp_path / "repo" / "broken")
+    add_broken_model(tmp_path / "repo" / "broken")
     with pytest.raises(ServerError, match="model broken did not load: .*broken on purpose"):
         TritonServer(tmp_path / "repo", python=SERVE_PYTHON, strict=True, log_file=tmp_path / "log").start()
 
@@ -293,7 +280,7 @@ def test_a_missing_serving_environment_is_one_sentence(tmp_path):
 def test_a_port_in_use_is_explained_from_the_servers_log(tmp_path):
     import socket
 
-    _add_broken_model(tmp_path / "repo" / "broken")
+    add_broken_model(tmp_path / "repo" / "broken")
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
@@ -307,7 +294,7 @@ def test_a_port_in_use_is_explained_from_the_servers_log(tmp_path):
 def test_readiness_timeout(tmp_path):
     """A model that takes longer to load than the timeout: one sentence, no server left."""
     folder = tmp_path / "repo" / "slow"
-    _add_broken_model(folder)
+    add_broken_model(folder)
     (folder / "config.pbtxt").write_text((folder / "config.pbtxt").read_text().replace("broken", "slow"))
     (folder / "1" / "model.py").write_text("import time\n\nclass TritonPythonModel:\n"
                                            "    def initialize(self, args):\n        time.sleep(4)\n")

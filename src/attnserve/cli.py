@@ -279,6 +279,66 @@ def serve_cmd(
     raise AttnserveError(f"tritonserver stopped; its log is {log_file}")
 
 
+@app.command("infer")
+def infer_cmd(
+    model: Annotated[str, typer.Argument(help="A served model, e.g. vit-s16 (see `attnserve serve`).")],
+    source: Annotated[str, typer.Argument(help="An image or video file, or the text to translate.")],
+    url: Annotated[str, typer.Option(help="host:port (gRPC 8001, HTTP 8000).")] = "localhost:8001",
+    protocol: Annotated[str, typer.Option(help="grpc or http.")] = "grpc",
+    top_k: Annotated[int, typer.Option(help="Classes to show.")] = 5,
+    beam_width: Annotated[int, typer.Option(help="Beam width for text (1: greedy).")] = 1,
+    stride: Annotated[int | None, typer.Option(help="Frames between video clips (default: a clip).")] = None,
+    stream: Annotated[bool, typer.Option(help="Video: send frame by frame to the stream model.")] = False,
+    png: Annotated[Path | None, typer.Option(help="Write attention per word, or the actions.")] = None,
+    timeout: Annotated[float, typer.Option(help="Seconds a request may take.")] = 60.0,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Run one input through a served model with the client SDK, by the model's task."""
+    import dataclasses
+    import json
+
+    from attnserve.client import Client, ClientError, load_image, visualize
+
+    with Client(url, protocol, timeout_s=timeout) as client:
+        task = client.model_info(model).require_spec().task
+        if task == "image-classification":
+            result = client.classify(model, source, top_k=top_k)
+        elif task == "video-classification":
+            result = (list(client.stream_actions(model, source)) if stream else
+                      client.recognize_actions(model, source, stride=stride, top_k=top_k))
+            if png:
+                visualize.save_png(visualize.action_timeline(result), png)
+        elif task == "image-captioning":
+            result = client.caption(model, source, beam_width=beam_width)
+            if png:
+                visualize.save_png(visualize.caption_attention(load_image(source), result), png)
+        elif task == "translation":
+            result = client.translate(model, source, beam_width=beam_width)
+        else:
+            raise ClientError(f"{model} is a {task} model; `attnserve infer` handles image and video "
+                              "classification, captioning and translation (use the SDK's infer())")
+    if as_json:
+        def plain(x):
+            return x.tolist() if hasattr(x, "tolist") else str(x)
+
+        rows = ([dataclasses.asdict(r) for r in result] if isinstance(result, list)
+                else dataclasses.asdict(result))
+        print(json.dumps(rows, default=plain))
+    elif isinstance(result, list) and result and hasattr(result[0], "predictions"):
+        for w in result:
+            best = w.predictions[0]
+            line = f"frames {w.start:>5}-{w.end:<5} {best.label:<24} {best.score:.3f}"
+            console.print(line, highlight=False)
+    elif isinstance(result, list):
+        for p in result:
+            console.print(f"{p.score:.4f}  {p.label}  (class {p.class_id})", highlight=False)
+    else:
+        console.print(result.text, highlight=False)
+        console.print(f"tokens {result.tokens}  score {result.score:.3f}", highlight=False)
+    if png:
+        console.print(f"wrote {png}")
+
+
 def main() -> None:
     try:
         app()

@@ -2,8 +2,10 @@
 in the client, in the server's preprocessing model and in the tests' references.
 
 `preprocess` follows a spec's `preprocessing` entry (spec.image_preprocessing): resize the
-short side to `resize` (bilinear), centre-crop `image_size`, scale to [0, 1], normalise
-per channel, HWC to CHW.
+short side to `resize` (bilinear, half-pixel centres, no antialiasing, in float32 so
+nothing is rounded to uint8 on the way), centre-crop `image_size`, scale to [0, 1],
+normalise per channel, HWC to CHW. That is `torch.nn.functional.interpolate(...,
+mode="bilinear", align_corners=False)` to float precision; the tests hold it to that.
 """
 
 from __future__ import annotations
@@ -51,10 +53,10 @@ def preprocess(image: np.ndarray, preprocessing: Mapping) -> np.ndarray:
     short = preprocessing["resize"]
     scale = short / min(height, width)
     size = (max(short, round(width * scale)), max(short, round(height * scale)))  # cv2 takes (w, h)
-    resized = cv2.resize(image, size, interpolation=cv2.INTER_LINEAR)
+    resized = cv2.resize(image.astype(np.float32), size, interpolation=cv2.INTER_LINEAR)
     crop = preprocessing["image_size"]
     top, left = (resized.shape[0] - crop) // 2, (resized.shape[1] - crop) // 2
-    patch = resized[top:top + crop, left:left + crop].astype(np.float32) / 255.0
+    patch = resized[top:top + crop, left:left + crop] / 255.0
     mean = np.asarray(preprocessing["mean"], dtype=np.float32)
     std = np.asarray(preprocessing["std"], dtype=np.float32)
     return np.ascontiguousarray(((patch - mean) / std).transpose(2, 0, 1))

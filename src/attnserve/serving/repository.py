@@ -146,9 +146,19 @@ def _warmup(spec: ModelSpec, batched: bool) -> str | None:
     return ('model_warmup [\n  {\n    name: "random"\n    batch_size: 1\n' + "\n".join(inputs) + "\n  }\n]")
 
 
+SPEC_PARAMETER = "attnserve.spec"
+
+
 def _parameters(params: dict[str, str]) -> str:
-    return "\n".join(f'parameters {{\n  key: "{k}"\n  value: {{ string_value: "{v}" }}\n}}'
-                     for k, v in params.items())
+    # A JSON string literal is a valid text-format string (quotes and backslashes escaped).
+    return "\n".join(f'parameters {{\n  key: "{k}"\n  value: {{ string_value: '
+                     f"{json.dumps(v, ensure_ascii=False)} }}\n}}" for k, v in params.items())
+
+
+def _spec_parameter(spec: ModelSpec) -> dict[str, str]:
+    """The spec travels in the config, so a client learns names, preprocessing and labels
+    from the server (get_model_config) and needs no export directory."""
+    return {SPEC_PARAMETER: json.dumps(spec.to_dict(), separators=(",", ":"))}
 
 
 def _scheduling(policy: ServingPolicy, batched: bool) -> list[str]:
@@ -171,9 +181,10 @@ def model_config(name: str, spec: ModelSpec, policy: ServingPolicy = ServingPoli
     label_output = spec.outputs[0].name if labels else None
     lines = [f'name: "{name}"']
     if backend == "python":
-        lines += ['backend: "python"', _parameters({"onnx": filename})]
+        lines += ['backend: "python"', _parameters({"onnx": filename, **_spec_parameter(spec)})]
     else:
-        lines += ['platform: "onnxruntime_onnx"', f'default_model_filename: "{filename}"']
+        lines += ['platform: "onnxruntime_onnx"', f'default_model_filename: "{filename}"',
+                  _parameters(_spec_parameter(spec))]
     lines.append(f"max_batch_size: {policy.max_batch_size if batched else 0}")
     lines.append("input [\n" + ",\n".join(_tensor(t, batched) for t in spec.inputs) + "\n]")
     outputs = [_tensor(t, batched, f'\n    label_filename: "{LABELS_NAME}"' if t.name == label_output else "")
@@ -398,28 +409,35 @@ def _add_generator(repo: Path, name: str, artifact, policy: ServingPolicy) -> No
     step = ModelSpec.from_dict(parts["decoder_step"]["spec"])
     inputs: list[Tensor] = [(t.name, _triton_dtype(t), [_dim(d) for d in t.shape[1:]])
                             for t in encoder.inputs]
-    inputs += [("max_length", "TYPE_INT32", [1]), ("beam_width", "TYPE_INT32", [1])]
+    vocabularies = manifest.get("vocabularies") or {}
+    # With a source vocabulary, clients may send text instead of token ids.
+    text_input = [("source_text", "TYPE_STRING", [1])] if "source" in vocabularies else []
+    inputs += text_input + [("max_length", "TYPE_INT32", [1]), ("beam_width", "TYPE_INT32", [1])]
     outputs: list[Tensor] = [("tokens", "TYPE_INT64", [-1]), ("length", "TYPE_INT32", [1]),
                              ("score", "TYPE_FP32", [1]), ("text", "TYPE_STRING", [1])]
     attention = manifest["generation"].get("attention_output")
     if attention:
         per_token = next(t for t in step.outputs if t.name == attention)
         outputs.append(("attention", "TYPE_FP32", [-1] * len(per_token.shape)))  # (tokens, *weights)
-    config = _python_config(f"{name}-generate", inputs, outputs, policy, {}, batching=False)
-    config = _optional(config, ("max_length", "beam_width"))
+    config = _python_config(f"{name}-generate", inputs, outputs, policy, _spec_parameter(encoder),
+                            batching=False)
+    optional = {n for n, _, _ in inputs} if text_input else {"max_length", "beam_width"}
+    config = _optional(config, optional)
     files = {"generation.json": json.dumps({
         "generation": manifest["generation"],
         "encoder": {"model": f"{name}-encoder", "spec": parts["encoder"]["spec"]},
         "decoder_step": {"model": f"{name}-decoder_step", "spec": parts["decoder_step"]["spec"]},
-        "vocabulary": (manifest.get("vocabularies") or {}).get("target"),
+        "vocabulary": vocabularies.get("target"),
+        "source_vocabulary": vocabularies.get("source"),
     })}
-    target = (manifest.get("vocabularies") or {}).get("target")
-    if target:
-        files[target] = (artifact.onnx_path.parent / target).read_text()
+    for f in vocabularies.values():
+        files[f] = (artifact.onnx_path.parent / f).read_text()
     _add_python_model(repo / f"{name}-generate", "generate", config, files)
 
 
-def _optional(config: str, names: tuple[str, ...]) -> str:
-    for n in names:
-        config = config.replace(f'name: "{n}"\n', f'name: "{n}"\n    optional: true\n', 1)
-    return config
+def _optional(config: str, names: set[str]) -> str:
+    """Mark inputs optional (in the input block only: an output may share a name)."""
+    head, tail = config.split("output [", 1)
+    for n in sorted(names):
+        head = head.replace(f'name: "{n}"\n', f'name: "{n}"\n    optional: true\n', 1)
+    return head + "output [" + tail

@@ -2,7 +2,9 @@
 in a loop, both as Triton models called through Business Logic Scripting, so steps of
 concurrent requests meet in the step model's dynamic batcher.
 
-Inputs: the encoder's inputs, optional `max_length` and `beam_width` (1: greedy).
+Inputs: the encoder's inputs, optional `max_length` and `beam_width` (1: greedy); a
+translator saved with a source vocabulary also takes `source_text` (one string per batch
+item) instead of token ids.
 Outputs per batch item: `tokens` (padded with the pad id 0), `length`, `score`, `text`
 (decoded with the model's target vocabulary, if it has one) and `attention` (one row
 of weights per generated token, zero-padded).
@@ -20,6 +22,7 @@ from attnserve.runtime.base import Runner
 from attnserve.runtime.generate import GenerationConfig, beam_search, greedy_search
 from attnserve.serving.triton_models.common import version_dir
 from attnserve.spec import ModelSpec
+from attnserve.text import Vocabulary
 
 
 class TritonModelRunner(Runner):
@@ -59,11 +62,10 @@ class TritonPythonModel:
         step_spec = ModelSpec.from_dict(setup["decoder_step"]["spec"])
         self.step = TritonModelRunner(setup["decoder_step"]["model"], step_spec)
         self.input_names = [t.name for t in encoder_spec.inputs]
-        self.vocabulary = None
-        if setup.get("vocabulary"):
-            from attnserve.text import Vocabulary
-
-            self.vocabulary = Vocabulary.load(version_dir(args) / setup["vocabulary"])
+        folder = version_dir(args)
+        self.vocabulary = Vocabulary.load(folder / setup["vocabulary"]) if setup.get("vocabulary") else None
+        source = setup.get("source_vocabulary")
+        self.source_vocabulary = Vocabulary.load(folder / source) if source else None
 
     def execute(self, requests):
         responses = []
@@ -78,8 +80,23 @@ class TritonPythonModel:
         t = pb_utils.get_input_tensor_by_name(request, name)
         return default if t is None else int(t.as_numpy().ravel()[0])
 
+    def _inputs(self, request) -> dict[str, np.ndarray]:
+        text = pb_utils.get_input_tensor_by_name(request, "source_text")
+        if text is not None and self.source_vocabulary is not None:
+            ids = [self.source_vocabulary.encode(t.decode()) for t in text.as_numpy().ravel()]
+            src = np.zeros((len(ids), max(map(len, ids))), dtype=np.int64)
+            for i, row in enumerate(ids):
+                src[i, :len(row)] = row
+            return dict(zip(self.input_names, (src, np.array([len(r) for r in ids], np.int64)), strict=True))
+        tensors = {n: pb_utils.get_input_tensor_by_name(request, n) for n in self.input_names}
+        missing = [n for n, t in tensors.items() if t is None]
+        if missing:
+            raise AttnserveError(f"the request lacks {', '.join(missing)}"
+                                 + (" (or source_text)" if self.source_vocabulary else ""))
+        return {n: t.as_numpy() for n, t in tensors.items()}
+
     def _generate(self, request):
-        inputs = {n: pb_utils.get_input_tensor_by_name(request, n).as_numpy() for n in self.input_names}
+        inputs = self._inputs(request)
         max_length = self._option(request, "max_length", self.config.max_length)
         beam_width = self._option(request, "beam_width", 1)
         if beam_width < 1:
