@@ -112,10 +112,11 @@ def test_asking_for_cuda_without_it_says_what_to_install(vit_dir):
         runtime.load(vit_dir, "ort", device="cuda")
 
 
-def test_runtime_bench_and_compare_import_no_torch():
+def test_runtime_bench_client_and_serving_import_no_torch():
     code = (
         "import sys, attnserve.runtime, attnserve.runtime.ort, attnserve.bench, attnserve.compare, "
-        "attnserve.spec, attnserve.artifact, attnserve.runtime.generate, attnserve.text; "
+        "attnserve.spec, attnserve.artifact, attnserve.runtime.generate, attnserve.text, "
+        "attnserve.client, attnserve.client.visualize, attnserve.serving, attnserve.imaging; "
         "assert 'torch' not in sys.modules, 'torch was imported'"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
