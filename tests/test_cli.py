@@ -51,13 +51,17 @@ def test_export_verify_bench(tmp_path):
     assert "parity passed" in result.stdout and (out / "model.onnx").is_file()
     result = run("verify", out, "--batch", "2,4")
     assert result.returncode == 0 and "batch 4: ok" in result.stdout
-    result = run("bench", out, "--batch", "1,2", "--iterations", "5", "--warmup", "1",
-                 "--json", tmp_path / "b.json")
+    result = run("bench", out, "--batch", "1,2", "--iterations", "5", "--warmup", "1", "--windows", "3",
+                 "--backends", "torch,ort,openvino", "--json", tmp_path / "b.json", "--out", tmp_path / "report")
     assert result.returncode == 0, result.stderr
     rows = json.loads((tmp_path / "b.json").read_text())["rows"]
     assert {(r["backend"], r["batch_size"]) for r in rows} == {
-        ("torch", 1), ("torch", 2), ("ort", 1), ("ort", 2)
+        (b, n) for b in ("torch", "ort", "openvino") for n in (1, 2)
     }
+    assert all(r["correct"] and r["windows"] <= 3 for r in rows)
+    assert {p.name for p in (tmp_path / "report").iterdir()} == {"result.json", "report.md", "latency_vs_batch.png"}
+    again = run("bench", "--compare", tmp_path / "b.json", "--compare", tmp_path / "report" / "result.json")
+    assert again.returncode == 0 and "| openvino | fp32 | 2 |" in again.stdout
     assert all(r["correct"] and r["p50_ms"] > 0 for r in rows)
     assert "p99 ms" in result.stdout
 

@@ -128,45 +128,86 @@ def verify_cmd(
 
 @app.command("bench")
 def bench_cmd(
-    source: Annotated[str, typer.Argument(help="Model name, or an export directory.")],
-    backends: Annotated[str, typer.Option(help="Comma-separated: torch, ort.")] = "torch,ort",
+    source: Annotated[str | None, typer.Argument(help="Model name, or an export directory.")] = None,
+    backends: Annotated[str, typer.Option(help="torch, ort, openvino, triton.")] = "torch,ort",
     batch: Annotated[str, typer.Option(help="Batch sizes, comma-separated.")] = "1,8",
+    concurrency: Annotated[str, typer.Option(help="Triton: concurrent clients, comma-separated.")] = "1,4,16",
+    precision: Annotated[str, typer.Option(help="fp32, fp16 or both (comma-separated).")] = "fp32",
     config: Annotated[str, typer.Option("--config", "-c")] = "tiny",
     checkpoint: Annotated[Path | None, typer.Option()] = None,
     threads: Annotated[int, typer.Option(help="Intra-op threads for every backend.")] = 2,
     warmup: Annotated[int, typer.Option(help="Untimed calls per backend and batch.")] = 5,
-    iterations: Annotated[int, typer.Option(help="Timed calls per backend and batch.")] = 50,
+    iterations: Annotated[int, typer.Option(help="Timed calls per backend per window.")] = 20,
+    windows: Annotated[int, typer.Option(help="Most windows before giving up on stability.")] = 10,
+    stability: Annotated[float, typer.Option(help="Last three windows agree within this fraction.")] = 0.10,
+    seconds: Annotated[float | None, typer.Option(help="Time budget per batch (and Triton point).")] = None,
+    out: Annotated[Path | None, typer.Option(help="Write result.json, report.md and plots here.")] = None,
     json_out: Annotated[Path | None, typer.Option("--json", help="Also write the results here.")] = None,
+    compare: Annotated[list[Path] | None, typer.Option(help="Two result.json files: what changed.")] = None,
+    zoo: Annotated[bool, typer.Option(help="Every registered model at --config, one table.")] = False,
+    python: Annotated[Path | None, typer.Option(help="Serving environment for the triton backend.")] = None,
 ) -> None:
-    """Time backends side by side: p50/p90/p99 latency and throughput."""
-    from attnserve.bench import benchmark_model
+    """Time backends side by side: p50/p90/p99, throughput, memory, stability, reports."""
+    from attnserve.bench import benchmark_model, benchmark_zoo, report
 
-    if iterations < 1 or warmup < 0 or threads < 0:
-        raise AttnserveError("--iterations must be >= 1, --warmup and --threads >= 0")
+    if compare:
+        if len(compare) != 2:
+            raise AttnserveError("--compare takes two result files: --compare a.json --compare b.json")
+        console.print(report.compare(report.load_result(compare[0]), report.load_result(compare[1])),
+                      highlight=False)
+        return
+    if iterations < 1 or warmup < 0 or threads < 0 or windows < 1 or stability <= 0:
+        raise AttnserveError("--iterations and --windows must be >= 1, --warmup and --threads >= 0, "
+                             "--stability > 0")
     names = [b.strip() for b in backends.split(",") if b.strip()]
+    options = dict(threads=threads, warmup=warmup, iterations=iterations, max_windows=windows,
+                   stability=stability, seconds=seconds)
+    if zoo:
+        with console.status("benchmarking the zoo...") as status:
+            results = benchmark_zoo(config=config, backends=names, batch=_csv_ints(batch, "--batch")[0],
+                                    on_progress=lambda msg: status.update(msg), **options)
+        table = report.zoo_markdown(results, backend=next((b for b in names if b != "torch"), "ort"))
+        console.print(table, highlight=False)
+        if out:
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "zoo.md").write_text(table)
+            (out / "zoo.json").write_text(json.dumps([r.to_dict() for r in results], indent=2) + "\n")
+        return
+    if source is None:
+        raise AttnserveError("name a model or an export directory to benchmark (or pass --zoo / --compare)")
     with console.status("benchmarking...") as status:
         result = benchmark_model(
             source, names, _csv_ints(batch, "--batch"), config=config,
-            checkpoint=str(checkpoint) if checkpoint else None, threads=threads, warmup=warmup,
-            iterations=iterations, on_progress=lambda msg: status.update(msg),
+            checkpoint=str(checkpoint) if checkpoint else None,
+            precisions=[p.strip() for p in precision.split(",") if p.strip()],
+            concurrency=_csv_ints(concurrency, "--concurrency"),
+            serve_python=str(python) if python else None, on_progress=lambda msg: status.update(msg),
+            **options,
         )
     print_benchmark(result)
     if json_out:
         json_out.parent.mkdir(parents=True, exist_ok=True)
         json_out.write_text(json.dumps(result.to_dict(), indent=2) + "\n")
         console.print(f"wrote {json_out}")
+    if out:
+        for path in report.write_reports(result, out):
+            console.print(f"wrote {path}")
 
 
 def print_benchmark(result) -> None:
     m = result.machine
     table = Table(title=f"{result.model} ({result.config}) on {m.get('cpu')}, {result.threads} threads")
-    for col in ("backend", "batch", "p50 ms", "p90 ms", "p99 ms", "samples/s", "vs torch", "outputs"):
-        table.add_column(col, justify="right" if col not in ("backend", "outputs") else "left")
+    for col in ("backend", "prec.", "batch", "conc.", "p50 ms", "p99 ms", "samples/s", "vs torch", "MB",
+                "stable", "outputs"):
+        table.add_column(col, justify="left" if col in ("backend", "prec.", "stable", "outputs") else "right")
     for r in result.rows:
-        ratio = result.ratio(r.backend, "torch", r.batch_size)
+        base = result.row("torch", r.batch_size)
+        ratio = f"{base.p50_ms / r.p50_ms:.2f}x" if base and r.concurrency == 1 else "-"
         table.add_row(
-            r.backend, str(r.batch_size), f"{r.p50_ms:.2f}", f"{r.p90_ms:.2f}", f"{r.p99_ms:.2f}",
-            f"{r.throughput:.1f}", f"{ratio:.2f}x" if ratio else "-",
+            r.backend, r.precision, str(r.batch_size), str(r.concurrency), f"{r.p50_ms:.2f}",
+            f"{r.p99_ms:.2f}",
+            f"{r.throughput:.1f}", ratio, f"{r.rss_mb:.0f}" if r.rss_mb is not None else "-",
+            "yes" if r.stable else f"[yellow]no ({r.spread:.0%})[/yellow]",
             "ok" if r.correct else f"[red]WRONG ({r.max_abs_error:.2g})[/red]",
         )
     console.print(table)

@@ -12,7 +12,7 @@ from attnserve.artifact import load_vocabularies, read_artifact
 from attnserve.errors import AttnserveError, BackendUnavailableError
 from attnserve.runtime.base import Runner
 
-BACKENDS = ("ort", "torch")
+BACKENDS = ("ort", "openvino", "torch")
 
 
 def load(path: str | Path, backend: str = "ort", device: str = "cpu", threads: int = 0) -> Runner:
@@ -20,8 +20,9 @@ def load(path: str | Path, backend: str = "ort", device: str = "cpu", threads: i
 
     Args:
         path: an export directory (as written by `attnserve export`) or an .onnx file.
-        backend: "ort" (ONNX Runtime) or "torch" (the eager model the export came from,
-            rebuilt from the manifest: same model, config, checkpoint and seed).
+        backend: "ort" (ONNX Runtime), "openvino" (OpenVINO, CPU), or "torch" (the eager
+            model the export came from, rebuilt from the manifest: same model, config,
+            checkpoint and seed).
         device: "cpu", or "cuda" / "tensorrt" for ONNX Runtime's GPU providers.
         threads: intra-op threads (0: the backend's default).
     """
@@ -30,6 +31,10 @@ def load(path: str | Path, backend: str = "ort", device: str = "cpu", threads: i
         from attnserve.runtime.ort import OrtRunner
 
         return OrtRunner(artifact.onnx_path, device=device, threads=threads)
+    if backend == "openvino":
+        from attnserve.runtime.openvino import OpenVinoRunner
+
+        return OpenVinoRunner(artifact.onnx_path, device=device, threads=threads)
     if backend == "torch":
         if artifact.manifest is None:
             raise AttnserveError(
