@@ -135,6 +135,7 @@ def machine_info(threads: int) -> dict:
         "python": platform.python_version(),
         "platform": platform.platform(),
         "gpu": _gpu_name(),
+        "power_mode": _jetson_power_mode(),
     }
     for module in ("onnxruntime", "openvino", "torch", "tensorrt", "tritonclient", "numpy"):
         version = _version(module)
@@ -171,6 +172,17 @@ def _gpu_name() -> str | None:
             return f.read().strip("\x00\n ")
     except OSError:
         return None
+
+
+def _jetson_power_mode() -> str | None:
+    """`nvpmodel -q` on a Jetson (latency depends on it); None elsewhere."""
+    import shutil
+    import subprocess
+
+    if not shutil.which("nvpmodel"):
+        return None
+    out = subprocess.run(["nvpmodel", "-q"], capture_output=True, text=True)
+    return " ".join(out.stdout.split()) or None
 
 
 def _cpu_name() -> str:
