@@ -35,6 +35,18 @@ CASES = {
     # google/vivit-b-16x2-kinetics400 layout) at ViViT-B size on 4 frames instead of 32.
     "transformers:vivit_tiny": ("vivit", "tiny", {}),
     "transformers:vivit_base_4f@hub": ("vivit", "base", {"num_frames": 4}),
+    # Hugging Face DETR (DetrForObjectDetection; logits and boxes): `tiny` with transformers'
+    # ResNet backbone in transformers 5's layout; DETR-R50 in the Hub's layouts of
+    # facebook/detr-resnet-50 (timm backbone) and of its "no_timm" revision (transformers'
+    # ResNet), and with the timm backbone as transformers 5 saves it.
+    "transformers:detr_tiny": ("detr", "tiny", {}),
+    "transformers:detr_r50@hub": ("detr", "resnet50", {}),
+    "transformers:detr_r50_timm@hub": ("detr", "resnet50", {}),
+    "transformers:detr_r50_timm": ("detr", "resnet50", {}),
+    # Hugging Face PVT v1 (PvtForImageClassification): our `tiny`, and PVT-Tiny in the
+    # Hub's layout (Xrenya/pvt-tiny-224; transformers 4 and 5 write PVT alike).
+    "transformers:pvt_tiny64": ("pvt", "tiny", {}),
+    "transformers:pvt_tiny@hub": ("pvt", "pvt_tiny", {}),
 }
 
 pytestmark = [
@@ -56,11 +68,15 @@ def test_foreign_checkpoint_gives_the_same_outputs(entry, reference_dir):
     name, config, overrides = CASES[entry]
     model = create_model(name, config, checkpoint=str(reference_dir / f"{entry}.safetensors"), **overrides)
     data = np.load(reference_dir / f"{entry}.npz")
-    inputs = data[get_spec(name, config, **overrides).input_names[0]]  # images, or video
+    spec = get_spec(name, config, **overrides)
+    inputs = data[spec.input_names[0]]  # images, or video
     with torch.inference_mode():
-        logits = model(torch.from_numpy(inputs)).numpy()
-    assert np.abs(logits - data["logits"]).max() <= 1e-5
-    assert np.abs(data["logits"]).max() > 0.1, "a degenerate reference output proves nothing"
+        outputs = model(torch.from_numpy(inputs))
+    outputs = (outputs,) if isinstance(outputs, torch.Tensor) else outputs
+    for output, got in zip(spec.output_names, outputs, strict=True):  # logits; DETR also boxes
+        want = data[output]
+        assert np.abs(got.numpy() - want).max() <= 1e-5, output
+        assert np.abs(want).max() > 0.1, f"a degenerate reference {output} proves nothing"
 
 
 def test_every_model_with_a_foreign_format_has_a_case():
