@@ -41,7 +41,7 @@ serve-env: $(SERVE_VENV)/.installed
 # Two workers, one per core, each taking whole files: exporting is mostly single-threaded
 # Python (tracing), so the suite takes ~9 minutes instead of ~14. Files keep their exports
 # (the session fixture) within one worker.
-PYTEST := $(VENV)/bin/pytest -q -n 2 --dist loadfile
+PYTEST := $(VENV)/bin/pytest -q -n 2 --dist loadfile --durations=15
 
 test: install reference-env serve-env
 	$(PYTEST)

@@ -41,8 +41,9 @@ def placeholder_vocabulary(size: int):
 
 
 # The models the real-server tests serve (python flavor): classifiers (swin with the
-# WindowAttention custom op, vivit a video model), a captioner and a translator.
-SERVED = ["vit", "swin", "vivit", "vit_captioner", "bahdanau_seq2seq"]
+# WindowAttention custom op, vivit a video model), a captioner, a translator, a
+# class-conditional generator and a detector.
+SERVED = ["vit", "swin", "vivit", "vit_captioner", "bahdanau_seq2seq", "sagan", "detr"]
 SERVE_PYTHON = ROOT / ".venv-serve" / "bin" / "python"
 
 

@@ -261,3 +261,40 @@ def test_cli_infer(triton_server, served_exports, tmp_path, video_file):
     down = subprocess.run(cli + ["vit-tiny", str(image), "--url", f"127.0.0.1:{free_port()}", "--timeout", "2"],
                           capture_output=True, text=True)
     assert down.returncode == 1 and down.stderr.startswith("error:") and "Traceback" not in down.stderr
+
+
+def test_generate_image_is_the_eager_generators_and_repeatable(client, served_exports):
+    from attnserve.postprocess_gan import sample_latents, to_uint8_images
+
+    export = served_exports["sagan"]
+    z = sample_latents(1, export.spec.inputs[0].shape[1], seed=7)
+    with runtime.load(export.out_dir, backend="torch") as eager:
+        want = to_uint8_images(eager.run({"z": z, "class_id": np.array([3])})["image"])[0]
+    got = client.generate_image("sagan-tiny", class_id=3, seed=7)
+    assert got.dtype == np.uint8 and got.shape == want.shape
+    assert np.abs(got.astype(int) - want.astype(int)).max() <= 1  # uint8 rounding of 1e-7 differences
+    np.testing.assert_array_equal(client.generate_image("sagan-tiny", class_id=3, seed=7), got)
+    assert not np.array_equal(client.generate_image("sagan-tiny", class_id=3, seed=8), got)
+    with pytest.raises(InputError, match="class_id must lie in"):
+        client.generate_image("sagan-tiny", class_id=10_000)
+
+
+def test_detect_maps_boxes_back_to_the_image_and_equals_eager(client, served_exports, tmp_path):
+    from attnserve.postprocess_detr import postprocess
+
+    export = served_exports["detr"]
+    spec = export.spec
+    image = photo(6, 90, 120)  # not the model's size: resized without crop, boxes scale back
+    with runtime.load(export.out_dir, backend="torch") as eager:
+        out = eager.run({"images": pixels(spec, [image])})
+    # A random-weight detector's scores sit near 1 / classes: a low threshold keeps some.
+    threshold = float(np.sort(postprocess(out["logits"], out["boxes"], image.shape[:2], 0.0)[0].scores)[-3])
+    want = postprocess(out["logits"], out["boxes"], image.shape[:2], threshold)[0]
+    got = client.detect("detr-tiny", image, threshold=threshold)
+    assert len(got) == len(want) >= 1
+    np.testing.assert_allclose([d.box for d in got], want.boxes, atol=1e-2)
+    assert [d.class_id for d in got] == want.labels.tolist()
+    assert client.detect("detr-tiny", image, threshold=0.999) == []  # nothing above: an empty list
+    drawn = visualize.detection_boxes(image, np.array([d.box for d in got]), [d.label for d in got],
+                                      [d.score for d in got])
+    assert drawn.shape == image.shape and not np.array_equal(drawn, image)

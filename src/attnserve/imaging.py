@@ -41,7 +41,9 @@ def encode_jpeg(image: np.ndarray, quality: int = 95) -> bytes:
 
 
 def preprocess(image: np.ndarray, preprocessing: Mapping) -> np.ndarray:
-    """RGB uint8 (H, W, 3) -> float32 (3, S, S), normalised as the model was trained."""
+    """RGB uint8 (H, W, 3) -> float32 (3, S, S), normalised as the model was trained;
+    with `"crop": False` (detectors) -> (3, h, w), the whole image resized so its short
+    side is `resize` and its long side at most `max_size`, aspect ratio kept."""
     import cv2
 
     if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
@@ -50,16 +52,30 @@ def preprocess(image: np.ndarray, preprocessing: Mapping) -> np.ndarray:
     height, width = image.shape[:2]
     if min(height, width) < 1:
         raise InputError(f"the image is empty ({height}x{width})")
-    short = preprocessing["resize"]
-    scale = short / min(height, width)
-    size = (max(short, round(width * scale)), max(short, round(height * scale)))  # cv2 takes (w, h)
+    if preprocessing.get("crop", True):
+        short = preprocessing["resize"]
+        scale = short / min(height, width)
+        size = (max(short, round(width * scale)), max(short, round(height * scale)))  # cv2 takes (w, h)
+    else:
+        size = _keep_aspect(height, width, preprocessing["resize"], preprocessing.get("max_size"))[::-1]
     resized = cv2.resize(image.astype(np.float32), size, interpolation=cv2.INTER_LINEAR)
-    crop = preprocessing["image_size"]
-    top, left = (resized.shape[0] - crop) // 2, (resized.shape[1] - crop) // 2
-    patch = resized[top:top + crop, left:left + crop] / 255.0
+    if preprocessing.get("crop", True):
+        crop = preprocessing["image_size"]
+        top, left = (resized.shape[0] - crop) // 2, (resized.shape[1] - crop) // 2
+        resized = resized[top:top + crop, left:left + crop]
+    patch = resized / 255.0
     mean = np.asarray(preprocessing["mean"], dtype=np.float32)
     std = np.asarray(preprocessing["std"], dtype=np.float32)
     return np.ascontiguousarray(((patch - mean) / std).transpose(2, 0, 1))
+
+
+def _keep_aspect(height: int, width: int, short: int, max_size: int | None) -> tuple[int, int]:
+    """(h, w) with the short side `short`, shrunk so the long side stays <= max_size."""
+    if max_size is not None and max(height, width) / min(height, width) * short > max_size:
+        short = int(round(max_size * min(height, width) / max(height, width)))
+    if height <= width:
+        return short, int(short * width / height)
+    return int(short * height / width), short
 
 
 def top_k(logits: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

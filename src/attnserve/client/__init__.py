@@ -13,8 +13,8 @@ Needs numpy, opencv and tritonclient; no torch.
 from attnserve.client._core import ClientError, ModelInfo
 from attnserve.client.aio import AsyncClient
 from attnserve.client.media import iter_frames, load_image, sliding_clips
-from attnserve.client.results import ActionWindow, Generated, Prediction
+from attnserve.client.results import ActionWindow, Detection, Generated, Prediction
 from attnserve.client.sync import Client
 
-__all__ = ["ActionWindow", "AsyncClient", "Client", "ClientError", "Generated", "ModelInfo", "Prediction",
-           "iter_frames", "load_image", "sliding_clips"]
+__all__ = ["ActionWindow", "AsyncClient", "Client", "ClientError", "Detection", "Generated", "ModelInfo",
+           "Prediction", "iter_frames", "load_image", "sliding_clips"]

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from attnserve.client.results import Generated, Prediction
+from attnserve.client.results import Detection, Generated, Prediction
 from attnserve.errors import AttnserveError, InputError
 from attnserve.imaging import preprocess, top_k
 from attnserve.serving.repository import SPEC_PARAMETER
@@ -69,6 +69,30 @@ def predictions(spec: ModelSpec, logits: np.ndarray, k: int) -> list[list[Predic
     return [[Prediction(labels[i] if labels else str(i), int(i), float(s)) for s, i in zip(row_s, row_i,
                                                                                           strict=True)]
             for row_s, row_i in zip(scores, ids, strict=True)]
+
+
+def detections(spec: ModelSpec, outputs: Mapping[str, np.ndarray], image_size: tuple[int, int],
+               threshold: float) -> list[Detection]:
+    """A detector's logits and boxes for one image -> its detections above `threshold`."""
+    from attnserve.postprocess_detr import postprocess
+
+    if not 0 <= threshold < 1:
+        raise InputError(f"threshold must lie in [0, 1), got {threshold}")
+    found = postprocess(outputs["logits"], outputs["boxes"], image_size, threshold)[0]
+    labels = spec.labels
+    return [Detection(labels[c] if labels else str(int(c)), int(c), float(s), tuple(map(float, b)))
+            for b, s, c in zip(found.boxes, found.scores, found.labels, strict=True)]
+
+
+def latents(spec: ModelSpec, class_id: int, seed: int, truncation: float | None) -> dict[str, np.ndarray]:
+    """The generator's inputs for one image: seeded latents and the class."""
+    from attnserve.postprocess_gan import sample_latents
+
+    z, cls = spec.inputs[0], spec.inputs[1]
+    low, high = cls.value_range or (0, None)
+    if class_id < low or (high is not None and class_id >= high):
+        raise InputError(f"class_id must lie in [{low}, {high}), got {class_id}")
+    return {z.name: sample_latents(1, z.shape[1], seed, truncation), cls.name: np.array([class_id], np.int64)}
 
 
 def generation_inputs(info: ModelInfo, tensors: Mapping[str, np.ndarray], beam_width: int,

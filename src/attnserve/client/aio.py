@@ -11,7 +11,7 @@ import numpy as np
 from attnserve.client import _core
 from attnserve.client._core import ClientError, ModelInfo
 from attnserve.client.media import iter_frames, load_image, sliding_clips
-from attnserve.client.results import ActionWindow, Generated, Prediction
+from attnserve.client.results import ActionWindow, Detection, Generated, Prediction
 from attnserve.client.sync import PROTOCOLS
 from attnserve.errors import InputError
 
@@ -69,6 +69,10 @@ class AsyncClient:
             if name not in info.inputs:
                 raise InputError(f"{model} has no input {name!r}; it takes {', '.join(info.inputs)}")
             value = np.ascontiguousarray(value)
+            if info.max_batch_size and info.inputs[name][1] == [1] and value.ndim == 1:
+                value = value[:, None]  # a batch-only tensor travels as (batch, 1)
+            if info.inputs[name][0] == "BYTES" and value.dtype != np.object_:
+                value = value.astype(np.object_)
             t = self._lib.InferInput(name, list(value.shape), info.inputs[name][0])
             t.set_data_from_numpy(value)
             tensors.append(t)
@@ -85,6 +89,20 @@ class AsyncClient:
     async def classify(self, model: str, image, top_k: int = 5, color: str = "RGB") -> list[Prediction]:
         spec = (await self.model_info(model)).require_spec()
         return _core.predictions(spec, await self._logits(model, spec, [load_image(image, color)]), top_k)[0]
+
+    async def detect(self, model: str, image, threshold: float = 0.5, color: str = "RGB") -> list[Detection]:
+        spec = (await self.model_info(model)).require_spec()
+        rgb = load_image(image, color)
+        out = await self.infer(model, {spec.input_names[0]: _core.pixels(spec, [rgb])})
+        return _core.detections(spec, out, rgb.shape[:2], threshold)
+
+    async def generate_image(self, model: str, class_id: int, seed: int = 0,
+                             truncation: float | None = None) -> np.ndarray:
+        from attnserve.postprocess_gan import to_uint8_images
+
+        spec = (await self.model_info(model)).require_spec()
+        out = await self.infer(model, _core.latents(spec, class_id, seed, truncation), [spec.output_names[0]])
+        return to_uint8_images(out[spec.output_names[0]])[0]
 
     async def _generate(self, name: str, info: ModelInfo, feed, beam_width: int, max_length: int | None):
         return _core.generated(await self.infer(name, _core.generation_inputs(info, feed, beam_width,

@@ -32,3 +32,13 @@ class ActionWindow:
     start: int
     end: int
     predictions: list[Prediction] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Detection:
+    """One object: its class, score and box (x0, y0, x1, y1) in pixels of the image sent."""
+
+    label: str
+    class_id: int
+    score: float
+    box: tuple[float, float, float, float]

@@ -13,7 +13,7 @@ import numpy as np
 from attnserve.client import _core
 from attnserve.client._core import ClientError, ModelInfo
 from attnserve.client.media import iter_frames, load_image, sliding_clips
-from attnserve.client.results import ActionWindow, Generated, Prediction
+from attnserve.client.results import ActionWindow, Detection, Generated, Prediction
 from attnserve.errors import InputError
 
 PROTOCOLS = ("grpc", "http")
@@ -126,6 +126,8 @@ class Client:
                 raise InputError(f"{name} of {model} must be {dtype}, got {value.dtype}")
             if dtype == "BYTES" and value.dtype != np.object_:
                 value = value.astype(np.object_)
+            if info.max_batch_size and info.inputs[name][1] == [1] and value.ndim == 1:
+                value = value[:, None]  # a batch-only tensor travels as (batch, 1)
             t = self._lib.InferInput(name, list(value.shape), dtype)
             tensors.append(t)
             arrays.append(np.ascontiguousarray(value))
@@ -155,6 +157,24 @@ class Client:
 
     def _generate(self, name: str, info: ModelInfo, feed, beam_width: int, max_length: int | None):
         return _core.generated(self.infer(name, _core.generation_inputs(info, feed, beam_width, max_length)))
+
+    def detect(self, model: str, image, threshold: float = 0.5, color: str = "RGB") -> list[Detection]:
+        """Objects in one image, boxes in its own pixels (resized here as the spec says,
+        without cropping, so boxes map back exactly)."""
+        spec = self.model_info(model).require_spec()
+        rgb = load_image(image, color)
+        out = self.infer(model, {spec.input_names[0]: _core.pixels(spec, [rgb])})
+        return _core.detections(spec, out, rgb.shape[:2], threshold)
+
+    def generate_image(self, model: str, class_id: int, seed: int = 0,
+                       truncation: float | None = None) -> np.ndarray:
+        """One RGB uint8 image of `class_id` from a served generator; the same seed gives
+        the same image."""
+        from attnserve.postprocess_gan import to_uint8_images
+
+        spec = self.model_info(model).require_spec()
+        out = self.infer(model, _core.latents(spec, class_id, seed, truncation), [spec.output_names[0]])
+        return to_uint8_images(out[spec.output_names[0]])[0]
 
     def caption(self, model: str, image, beam_width: int = 1, max_length: int | None = None,
                 color: str = "RGB") -> Generated:
