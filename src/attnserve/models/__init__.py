@@ -2,12 +2,14 @@
 
 from attnserve.models import (  # noqa: F401  (registers)
     attention_resnet,
+    attention_to_scale,
     cait,
     deit,
     detr,
     gan,
     han,
     handwriting,
+    nonlocal_net,
     pvt,
     sasa,
     semantic_attention,
