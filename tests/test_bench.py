@@ -128,3 +128,31 @@ def test_openvino_differs_on_padded_recurrent_batches_and_the_gate_catches_it(ex
         result = benchmark_runners({"ort": ort, "openvino": ov}, export.spec, [3], reference="ort", warmup=1,
                                    iterations=1, max_windows=1)
     assert {r.backend: r.correct for r in result.rows} == {"ort": True, "openvino": False}
+
+
+def test_zoo_benchmarks_each_model_and_records_failures():
+    from attnserve.bench import benchmark_zoo
+
+    results = benchmark_zoo(models=["vit", "no_such_model"], backends=("torch", "ort"), batch=1, warmup=1,
+                            iterations=2, max_windows=3)
+    assert [r.model for r in results] == ["vit", "no_such_model"]
+    assert {(row.backend, row.correct) for row in results[0].rows} == {("torch", True), ("ort", True)}
+    assert "no_such_model" in results[1].settings["error"]
+    assert "| no_such_model | tiny | - | - | - | failed:" in report.zoo_markdown(results)
+
+
+def test_triton_rows_through_the_client_with_batching_on_and_off(exported_tiny):
+    from conftest import SERVE_PYTHON
+
+    if not SERVE_PYTHON.exists():
+        pytest.skip("no .venv-serve: run `make serve-env`")
+    from attnserve.bench.triton import triton_rows
+
+    export = exported_tiny("vit")
+    with runtime.load(export.out_dir) as ort:
+        rows = triton_rows(export.out_dir, export.spec, [1], [1, 3], ort.run, seconds=0.5, python=str(SERVE_PYTHON))
+        wrong = triton_rows(export.out_dir, export.spec, [1], [1], lambda feed: {"logits": ort.run(feed)["logits"] + 1},
+                            seconds=0.2, python=str(SERVE_PYTHON))
+    assert {(r.backend, r.concurrency) for r in rows} == {(b, c) for b in ("triton", "triton-nobatch") for c in (1, 3)}
+    assert all(r.correct and r.iterations > 0 and r.throughput > 0 for r in rows)
+    assert not any(r.correct for r in wrong)  # the gate holds for served backends too

@@ -189,9 +189,13 @@ def test_async_client_gives_the_same_answers(triton_server, client, video_file):
             caption = await c.caption("vit_captioner-tiny", image)
             clips = await c.recognize_actions("vivit-tiny", video_file)
             streamed = [w async for w in c.stream_actions("vivit-tiny", video_file)]
-            return classes, caption, clips, streamed
+            generated = await c.generate_image("sagan-tiny", class_id=2, seed=1)
+            found = await c.detect("detr-tiny", image, threshold=0.0)
+            return classes, caption, clips, streamed, generated, found
 
-    classes, caption, clips, streamed = asyncio.run(run())
+    classes, caption, clips, streamed, generated, found = asyncio.run(run())
+    np.testing.assert_array_equal(generated, client.generate_image("sagan-tiny", class_id=2, seed=1))
+    assert found == client.detect("detr-tiny", image, threshold=0.0)
     assert classes == client.classify("vit-tiny", image)
     assert caption.tokens == client.caption("vit_captioner-tiny", image).tokens
     assert clips == client.recognize_actions("vivit-tiny", video_file)

@@ -127,3 +127,14 @@ def test_pipelines_and_generation_models_around_the_graphs(tmp_path, exported_ti
     step = configs["vit_captioner-tiny-decoder_step"]
     assert list({i.name: i for i in step.input}["self_keys"].dims) == [2, 4, -1, 8]
     assert list({i.name: i for i in configs["vit_captioner-tiny-encoder"].output}["self_keys"].dims) == [2, 4, -1, 8]
+
+
+def test_a_video_model_of_any_clip_length_gets_pipelines_and_a_stream(tmp_path, exported_tiny):
+    export = exported_tiny("nonlocal_i3d")
+    assert isinstance(export.spec.inputs[0].shape[1], str)  # clips of any length
+    repo = build_repository([export.out_dir], tmp_path / "repo", flavor="python")
+    frames = parse((repo / "nonlocal_i3d-tiny-frames" / "config.pbtxt").read_text())
+    assert list(frames.input[0].dims) == [-1, -1, -1, 3]
+    stream = parse((repo / "nonlocal_i3d-tiny-stream" / "config.pbtxt").read_text())
+    assert stream.parameters["frames"].string_value == str(export.spec.preprocessing["num_frames"])
+    assert stream.HasField("sequence_batching")

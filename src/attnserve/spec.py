@@ -225,6 +225,17 @@ def image_classification_spec(
     )
 
 
+def clip_frames(spec: ModelSpec) -> int:
+    """The frames of one clip for a video model: the input's frame axis when fixed, else
+    the clip length its preprocessing was trained with."""
+    frames = spec.inputs[0].shape[1]
+    if isinstance(frames, int):
+        return frames
+    if "num_frames" not in spec.preprocessing:
+        raise ValueError(f"{spec.name} takes clips of any length and names no num_frames to default to")
+    return int(spec.preprocessing["num_frames"])
+
+
 def video_classification_spec(
     name: str,
     config: str,

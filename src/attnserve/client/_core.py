@@ -14,7 +14,7 @@ from attnserve.client.results import Detection, Generated, Prediction
 from attnserve.errors import AttnserveError, InputError
 from attnserve.imaging import preprocess, top_k
 from attnserve.serving.repository import SPEC_PARAMETER
-from attnserve.spec import ModelSpec
+from attnserve.spec import ModelSpec, clip_frames
 
 TRITON_TO_NUMPY = {"BOOL": np.bool_, "UINT8": np.uint8, "INT8": np.int8, "INT32": np.int32, "INT64": np.int64,
                    "FP16": np.float16, "FP32": np.float32, "FP64": np.float64, "BYTES": np.object_}
@@ -123,6 +123,8 @@ def generate_model(model: str) -> str:
 
 
 def clip_length(spec: ModelSpec, clip_len: int | None) -> int:
+    if not isinstance(spec.inputs[0].shape[1], int):  # any length: the caller's, or the trained one
+        return clip_len or clip_frames(spec)
     frames = spec.inputs[0].shape[1]
     if clip_len is not None and clip_len != frames:
         raise InputError(f"{spec.name} takes clips of exactly {frames} frames, not {clip_len}")

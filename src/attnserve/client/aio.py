@@ -14,6 +14,7 @@ from attnserve.client.media import iter_frames, load_image, sliding_clips
 from attnserve.client.results import ActionWindow, Detection, Generated, Prediction
 from attnserve.client.sync import PROTOCOLS
 from attnserve.errors import InputError
+from attnserve.spec import clip_frames
 
 
 class AsyncClient:
@@ -142,7 +143,7 @@ class AsyncClient:
         info = await self.model_info(name)
         if not info.sequence:
             raise ClientError(f"{name} is not a stream model (no sequence batching)")
-        length = (await self.model_info(name.removesuffix("-stream"))).require_spec().inputs[0].shape[1]
+        length = clip_frames((await self.model_info(name.removesuffix("-stream"))).require_spec())
         sequence_id = random.getrandbits(63) or 1
         frames = iter_frames(source)
         current, index = next(frames, None), 0

@@ -15,6 +15,7 @@ from attnserve.client._core import ClientError, ModelInfo
 from attnserve.client.media import iter_frames, load_image, sliding_clips
 from attnserve.client.results import ActionWindow, Detection, Generated, Prediction
 from attnserve.errors import InputError
+from attnserve.spec import clip_frames
 
 PROTOCOLS = ("grpc", "http")
 
@@ -246,7 +247,7 @@ class Client:
 
     def _frames(self, stream_model: str) -> int:
         base = self.model_info(stream_model.removesuffix("-stream")).require_spec()
-        return base.inputs[0].shape[1]
+        return clip_frames(base)
 
     # -- lifetime ---------------------------------------------------------------------
 

@@ -40,7 +40,7 @@ from pathlib import Path
 
 from attnserve.artifact import ONNX_NAME, read_artifact
 from attnserve.errors import AttnserveError
-from attnserve.spec import ModelSpec, TensorSpec
+from attnserve.spec import ModelSpec, TensorSpec, clip_frames
 
 FLAVORS = ("native", "python")
 TRITON_MODELS = Path(__file__).parent / "triton_models"
@@ -327,7 +327,7 @@ def _add_classification_pipelines(repo: Path, name: str, spec: ModelSpec, policy
     size = spec.preprocessing["image_size"]
     pixels = [3, size, size]
     if kind == "video":
-        frames = image.shape[1]
+        frames = _dim(image.shape[1])  # -1: the model takes clips of any length
         sources = {"frames": ("TYPE_UINT8", [frames, -1, -1, 3])}
         pixels = [frames, *pixels]
     else:
@@ -365,7 +365,7 @@ def _add_stream(repo: Path, name: str, spec: ModelSpec, policy: ServingPolicy) -
     """<name>-stream: frames of a video sent one at a time under a sequence id; the server
     keeps each stream's last T frames and answers with the top k every `stride` frames."""
     clip, logits = spec.inputs[0], spec.outputs[0]
-    frames = clip.shape[1]
+    frames = clip_frames(spec)
     stride = policy.stream_stride or max(1, frames // 2)
     k = min(policy.top_k, logits.shape[-1])
     outputs = [("ready", "TYPE_BOOL", [1]), ("frames", "TYPE_INT64", [1]), *_topk_outputs(k)]
