@@ -13,21 +13,36 @@ warnings.filterwarnings("ignore", category=FutureWarning)
 
 @pytest.fixture(scope="session")
 def exported_tiny(tmp_path_factory):
-    """Export each registered model's config (tiny by default) once per session;
-    (name, config) -> result."""
+    """Export each registered model's config (tiny by default) once per test run, shared
+    by the xdist workers through a directory and a lock (exports are most of the suite's
+    time); (name, config) -> result."""
+    import pickle
+
+    from filelock import FileLock
+
     from attnserve.export import export_onnx
     from attnserve.models import get_spec
 
     cache = {}
-    root = tmp_path_factory.mktemp("exports")
+    base = tmp_path_factory.getbasetemp()
+    # Under xdist each worker's base is <run>/popen-gwN: their parent is this run's alone.
+    root = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "shared-exports"
+    root.mkdir(exist_ok=True)
 
     def get(name: str, config: str = "tiny"):
         if (name, config) not in cache:
-            # Text models get vocabularies of their sizes, saved beside them as users' are.
-            sizes = get_spec(name, config).vocab_sizes
-            vocabularies = {role: placeholder_vocabulary(n) for role, n in sizes.items()}
-            cache[name, config] = export_onnx(name, root / f"{name}-{config}", config=config,
-                                              vocabularies=vocabularies)
+            out = root / f"{name}-{config}"
+            saved = root / f"{name}-{config}.result.pkl"  # our own object, written just below
+            with FileLock(str(out) + ".lock"):
+                if saved.exists():
+                    cache[name, config] = pickle.loads(saved.read_bytes())
+                else:
+                    # Text models get vocabularies of their sizes, saved beside them as users' are.
+                    sizes = get_spec(name, config).vocab_sizes
+                    vocabularies = {role: placeholder_vocabulary(n) for role, n in sizes.items()}
+                    result = export_onnx(name, out, config=config, vocabularies=vocabularies)
+                    saved.write_bytes(pickle.dumps(result))
+                    cache[name, config] = result
         return cache[name, config]
 
     return get

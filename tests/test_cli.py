@@ -51,7 +51,7 @@ def test_export_verify_bench(tmp_path):
     assert "parity passed" in result.stdout and (out / "model.onnx").is_file()
     result = run("verify", out, "--batch", "2,4")
     assert result.returncode == 0 and "batch 4: ok" in result.stdout
-    result = run("bench", out, "--batch", "1,2", "--iterations", "5", "--warmup", "1", "--windows", "3",
+    result = run("bench", out, "--batch", "1,2", "--iterations", "2", "--warmup", "1", "--windows", "3",
                  "--backends", "torch,ort,openvino", "--json", tmp_path / "b.json", "--out", tmp_path / "report")
     assert result.returncode == 0, result.stderr
     rows = json.loads((tmp_path / "b.json").read_text())["rows"]
