@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -31,6 +30,7 @@ import tritonclient.grpc as grpcclient
 
 from attnserve import runtime
 from attnserve.bench.latency import machine_info
+from attnserve.bench.triton import drive_clients
 from attnserve.export import export_onnx
 from attnserve.serving import ServingPolicy, TritonServer, build_repository
 
@@ -72,30 +72,9 @@ def latency(server: TritonServer, name: str, export_dir: Path, x: np.ndarray, re
 
 
 def throughput(server: TritonServer, name: str, x: np.ndarray, concurrency: int, duration_s: float) -> dict:
-    stop = time.perf_counter() + duration_s
-    counts, errors, samples = [0] * concurrency, [], [[] for _ in range(concurrency)]
-
-    def client(i: int) -> None:
-        c = grpcclient.InferenceServerClient(server.grpc_url)
-        try:
-            while (now := time.perf_counter()) < stop:
-                grpc_request(c, name, x)
-                samples[i].append(time.perf_counter() - now)
-                counts[i] += 1
-        except Exception as e:
-            errors.append(str(e))
-
-    threads = [threading.Thread(target=client, args=(i,)) for i in range(concurrency)]
-    start = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    elapsed = time.perf_counter() - start
-    if errors:
-        raise RuntimeError(errors[0])
-    return {"concurrency": concurrency, "requests": sum(counts), "seconds": elapsed,
-            "infer_per_s": sum(counts) / elapsed, **percentiles([s for per in samples for s in per])}
+    samples, count, elapsed = drive_clients(server.grpc_url, name, {"images": x}, concurrency, duration_s)
+    return {"concurrency": concurrency, "requests": count, "seconds": elapsed, "infer_per_s": count / elapsed,
+            **percentiles(samples)}
 
 
 def main() -> None:

@@ -46,7 +46,7 @@ def triton_rows(export_dir: Path, spec: ModelSpec, batch_sizes: Sequence[int], c
                     for c in concurrency:
                         if on_progress:
                             on_progress(f"{backend}: batch {batch}, concurrency {c}")
-                        samples, done, elapsed = _drive(server.grpc_url, feed, c, seconds)
+                        samples, done, elapsed = drive_clients(server.grpc_url, "model", feed, c, seconds)
                         row = LatencyStats.from_samples(backend, batch, samples, report.passed, err,
                                                         precision=precision, concurrency=c, windows=1,
                                                         stable=True, note="through gRPC, python flavor")
@@ -54,8 +54,9 @@ def triton_rows(export_dir: Path, spec: ModelSpec, batch_sizes: Sequence[int], c
     return rows
 
 
-def _drive(url: str, feed: Mapping[str, np.ndarray], concurrency: int, seconds: float):
-    """`concurrency` threads send `feed` back to back for `seconds`: (latencies, count, s)."""
+def drive_clients(url: str, model: str, feed: Mapping[str, np.ndarray], concurrency: int, seconds: float):
+    """`concurrency` threads send `feed` to `model` back to back for `seconds`:
+    (latencies in s, requests answered, wall seconds)."""
     from attnserve.client import Client
 
     stop = time.perf_counter() + seconds
@@ -64,10 +65,10 @@ def _drive(url: str, feed: Mapping[str, np.ndarray], concurrency: int, seconds: 
 
     def worker(i: int) -> None:
         with Client(url, timeout_s=300) as client:
-            client.infer("model", feed)  # connection and first-call costs stay out of the figures
+            client.infer(model, feed)  # connection and first-call costs stay out of the figures
             try:
                 while (t0 := time.perf_counter()) < stop:
-                    client.infer("model", feed)
+                    client.infer(model, feed)
                     samples[i].append(time.perf_counter() - t0)
             except Exception as e:
                 errors.append(str(e))

@@ -95,7 +95,7 @@ def latents(spec: ModelSpec, class_id: int, seed: int, truncation: float | None)
     return {z.name: sample_latents(1, z.shape[1], seed, truncation), cls.name: np.array([class_id], np.int64)}
 
 
-def generation_inputs(info: ModelInfo, tensors: Mapping[str, np.ndarray], beam_width: int,
+def generation_inputs(tensors: Mapping[str, np.ndarray], beam_width: int,
                       max_length: int | None) -> dict[str, np.ndarray]:
     if beam_width < 1:
         raise InputError(f"beam_width must be at least 1, got {beam_width}")

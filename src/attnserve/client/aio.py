@@ -105,8 +105,8 @@ class AsyncClient:
         out = await self.infer(model, _core.latents(spec, class_id, seed, truncation), [spec.output_names[0]])
         return to_uint8_images(out[spec.output_names[0]])[0]
 
-    async def _generate(self, name: str, info: ModelInfo, feed, beam_width: int, max_length: int | None):
-        return _core.generated(await self.infer(name, _core.generation_inputs(info, feed, beam_width,
+    async def _generate(self, name: str, feed, beam_width: int, max_length: int | None):
+        return _core.generated(await self.infer(name, _core.generation_inputs(feed, beam_width,
                                                                                 max_length)))
 
     async def caption(self, model: str, image, beam_width: int = 1, max_length: int | None = None,
@@ -115,7 +115,7 @@ class AsyncClient:
         info = await self.model_info(name)
         spec = info.require_spec()
         feed = {spec.input_names[0]: _core.pixels(spec, [load_image(image, color)])}
-        return (await self._generate(name, info, feed, beam_width, max_length))[0]
+        return (await self._generate(name, feed, beam_width, max_length))[0]
 
     async def translate(self, model: str, text: str, beam_width: int = 1,
                         max_length: int | None = None) -> Generated:
@@ -124,7 +124,7 @@ class AsyncClient:
         if "source_text" not in info.inputs:
             raise ClientError(f"{name} takes no text: export the model with its source vocabulary")
         feed = {"source_text": np.array([text.encode()], dtype=np.object_)}
-        return (await self._generate(name, info, feed, beam_width, max_length))[0]
+        return (await self._generate(name, feed, beam_width, max_length))[0]
 
     async def recognize_actions(self, model: str, video, clip_len: int | None = None,
                                 stride: int | None = None, top_k: int = 5) -> list[ActionWindow]:

@@ -156,8 +156,8 @@ class Client:
         name, out = spec.input_names[0], spec.output_names[0]
         return self.infer(model, {name: _core.pixels(spec, images)}, [out])[out]
 
-    def _generate(self, name: str, info: ModelInfo, feed, beam_width: int, max_length: int | None):
-        return _core.generated(self.infer(name, _core.generation_inputs(info, feed, beam_width, max_length)))
+    def _generate(self, name: str, feed, beam_width: int, max_length: int | None):
+        return _core.generated(self.infer(name, _core.generation_inputs(feed, beam_width, max_length)))
 
     def detect(self, model: str, image, threshold: float = 0.5, color: str = "RGB") -> list[Detection]:
         """Objects in one image, boxes in its own pixels (resized here as the spec says,
@@ -184,7 +184,7 @@ class Client:
         info = self.model_info(name)
         spec = info.require_spec()
         feed = {spec.input_names[0]: _core.pixels(spec, [load_image(image, color)])}
-        return self._generate(name, info, feed, beam_width, max_length)[0]
+        return self._generate(name, feed, beam_width, max_length)[0]
 
     def translate(self, model: str, text: str, beam_width: int = 1,
                   max_length: int | None = None) -> Generated:
@@ -195,7 +195,7 @@ class Client:
             raise ClientError(f"{name} takes no text: export the model with its source vocabulary "
                               "(`attnserve export --vocab source=...`)")
         feed = {"source_text": np.array([text.encode()], dtype=np.object_)}
-        return self._generate(name, info, feed, beam_width, max_length)[0]
+        return self._generate(name, feed, beam_width, max_length)[0]
 
     def recognize_actions(self, model: str, video, clip_len: int | None = None, stride: int | None = None,
                           top_k: int = 5, batch: int = 4) -> list[ActionWindow]:

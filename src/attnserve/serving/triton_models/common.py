@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -31,8 +30,3 @@ def group_by_shape(feeds: Sequence[dict[str, np.ndarray]]) -> list[list[int]]:
         key = tuple((n, a.dtype.str, a.shape[1:]) for n, a in sorted(feed.items()))
         groups.setdefault(key, []).append(i)
     return list(groups.values())
-
-
-def request_parameters(request) -> dict:
-    raw = request.parameters()
-    return json.loads(raw) if raw else {}
