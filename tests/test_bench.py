@@ -102,6 +102,26 @@ def test_zoo_table_lists_the_models_where_the_export_is_slower():
     assert "slower than eager beyond noise: b." in table and "failed: cannot export" in table
 
 
+def test_the_compute_floor_counts_flops_and_reports_the_rate_each_backend_reaches():
+    import torch
+
+    from attnserve.bench import roofline
+
+    linear = torch.nn.Linear(64, 32, bias=False)
+    model = lambda x: torch.relu(linear(x))  # noqa: E731 - the counter takes any callable with keyword inputs
+    assert roofline.model_gflop(model, {"x": np.ones((5, 64), np.float32)}) == 2 * 5 * 64 * 32 / 1e9
+    rate = roofline.matmul_gflops(1, size=128, seconds=0.05)
+    assert 0.1 < rate < 1e5  # a real rate, whatever the machine
+    assert roofline.floor_ms(9.0, 150.0) == pytest.approx(60.0)
+    result = benchmark_runners({"torch": Scripted([2]), "ort": Scripted([1])}, SPEC, [1], warmup=1,
+                               iterations=3, max_windows=3)
+    result.settings["gflop_per_sample"], result.machine["matmul_gflops"] = 1.0, 100.0
+    table = report.markdown(result)
+    assert "faster than 10 ms" in table  # 1 GFLOP at 100 GFLOP/s
+    ort = result.row("ort", 1)
+    assert f"| {1.0 * ort.throughput / 100:.0%} |" in table
+
+
 @pytest.mark.parametrize("name", ["vit", "swin", "vivit"])  # swin: custom-op functions inlined for OpenVINO
 def test_openvino_matches_onnx_runtime(exported_tiny, name):
     pytest.importorskip("openvino")
@@ -138,7 +158,8 @@ def test_zoo_benchmarks_each_model_and_records_failures():
     assert [r.model for r in results] == ["vit", "no_such_model"]
     assert {(row.backend, row.correct) for row in results[0].rows} == {("torch", True), ("ort", True)}
     assert "no_such_model" in results[1].settings["error"]
-    assert "| no_such_model | tiny | - | - | - | failed:" in report.zoo_markdown(results)
+    assert results[0].settings["gflop_per_sample"] > 0
+    assert "| no_such_model | tiny | - | - | - | - | failed:" in report.zoo_markdown(results)
 
 
 def test_triton_rows_through_the_client_with_batching_on_and_off(exported_tiny):

@@ -113,6 +113,8 @@ def _measure(path, artifact, backends, batch_sizes, precision, concurrency, thre
             runners, artifact.spec, batch_sizes, reference="torch" if "torch" in runners else None,
             warmup=warmup, iterations=iterations, max_windows=max_windows, stability=stability,
             seconds=seconds, threads=threads, precision=precision, memory=memory, on_progress=on_progress)
+        if "torch" in runners:
+            _add_roofline(result, runners["torch"], artifact.spec, threads, on_progress)
         if "triton" in backends:
             from attnserve.bench.triton import triton_rows
 
@@ -126,6 +128,17 @@ def _measure(path, artifact, backends, batch_sizes, precision, concurrency, thre
     finally:
         for r in runners.values():
             r.close()
+
+
+def _add_roofline(result: BenchmarkResult, eager, spec, threads: int, on_progress) -> None:
+    """The model's GFLOP per sample and the machine's fp32 matmul rate, so a report can
+    say how far each backend is from the compute floor (see bench.roofline)."""
+    from attnserve.bench.roofline import matmul_gflops, model_gflop
+
+    if on_progress:
+        on_progress("counting FLOPs and measuring the matmul rate")
+    result.settings["gflop_per_sample"] = model_gflop(eager.model, spec.example_inputs(1, seed=1))
+    result.machine["matmul_gflops"] = matmul_gflops(threads)
 
 
 def benchmark_zoo(models: Sequence[str] | None = None, config: str = "tiny", backends=("torch", "ort"),

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from attnserve.bench.latency import SCHEMA, BenchmarkResult
+from attnserve.bench.roofline import floor_ms
 from attnserve.errors import AttnserveError
 
 
@@ -17,20 +18,27 @@ def markdown(result: BenchmarkResult, baseline: str = "torch") -> str:
     versions = ", ".join(f"{k} {m[k]}" for k in ("onnxruntime", "openvino", "torch", "tensorrt") if k in m)
     lines = [f"# {result.model} ({result.config})", "",
              f"{m.get('cpu')}, {m.get('cores')} cores, {result.threads} threads; "
-             f"GPU: {m.get('gpu') or 'none'}; {versions}", "",
-             "| backend | precision | batch | conc. | p50 ms | p90 ms | p99 ms | samples/s | vs eager "
-             "| host MB | stable | outputs |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             f"GPU: {m.get('gpu') or 'none'}; {versions}", ""]
+    gflop, peak = result.settings.get("gflop_per_sample"), m.get("matmul_gflops")
+    if gflop and peak:
+        lines += [f"Compute floor: {gflop:.3g} GFLOP per sample (matmuls, convolutions, attention) at the "
+                  f"{peak:.0f} GFLOP/s fp32 matmul rate measured here: no fp32 backend can run batch 1 "
+                  f"faster than {floor_ms(gflop, peak):.3g} ms.", ""]
+    lines += ["| backend | precision | batch | conc. | p50 ms | p90 ms | p99 ms | samples/s | vs eager "
+              "| % of matmul rate | host MB | stable | outputs |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in result.rows:
         base = result.row(baseline, r.batch_size)
         ratio = f"{r.p50_ms / base.p50_ms:.2f}x" if base and r.concurrency == 1 else "-"
         stable = "yes" if r.stable else f"no ({r.spread:.0%} apart)" if r.spread >= 0 else "no (< 3 windows)"
         memory = f"{r.rss_mb:.0f}" if r.rss_mb is not None else "-"
         outputs = "ok" if r.correct else f"WRONG (max abs err {r.max_abs_error:.2g})"
+        rate = f"{gflop * r.throughput / peak:.0%}" if gflop and peak and r.precision == "fp32" else "-"
         lines.append(f"| {r.backend} | {r.precision} | {r.batch_size} | {r.concurrency} | {r.p50_ms:.2f} | "
-                     f"{r.p90_ms:.2f} | {r.p99_ms:.2f} | {r.throughput:.1f} | {ratio} | {memory} | {stable} "
-                     f"| {outputs} |")
+                     f"{r.p90_ms:.2f} | {r.p99_ms:.2f} | {r.throughput:.1f} | {ratio} | {rate} | {memory} "
+                     f"| {stable} | {outputs} |")
     lines += ["", "`vs eager`: median latency relative to the eager model at the same batch (lower is "
-              "faster). Rows marked WRONG failed the output check against eager and are not comparable."]
+              "faster). `% of matmul rate`: the model's counted GFLOP per second over the machine's fp32 "
+              "matmul rate (near 100% the backend is at the compute floor). Rows marked WRONG failed the output check against eager and are not comparable."]
     return "\n".join(lines) + "\n"
 
 
@@ -119,12 +127,12 @@ def compare(before: BenchmarkResult, after: BenchmarkResult, noise: float = 0.05
 def zoo_markdown(results: Sequence[BenchmarkResult], backend: str = "ort", baseline: str = "torch") -> str:
     """One row per model: the baseline's and the backend's medians at the first batch
     size, and the models where the backend is slower (beyond noise) or failed."""
-    lines = ["| model | config | eager p50 ms | " + backend + " p50 ms | ratio | outputs |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| model | config | GFLOP | eager p50 ms | " + backend + " p50 ms | ratio | outputs |",
+             "|---|---|---|---|---|---|---|"]
     slower = []
     for r in results:
         if "error" in r.settings:
-            lines.append(f"| {r.model} | {r.config} | - | - | - | failed: {r.settings['error']} |")
+            lines.append(f"| {r.model} | {r.config} | - | - | - | - | failed: {r.settings['error']} |")
             continue
         base = next((x for x in r.rows if x.backend == baseline), None)
         row = next((x for x in r.rows if x.backend == backend), None)
@@ -133,7 +141,9 @@ def zoo_markdown(results: Sequence[BenchmarkResult], backend: str = "ort", basel
         ratio = row.p50_ms / base.p50_ms
         if ratio > 1 + max(0.05, base.spread, row.spread):
             slower.append(r.model)
-        lines.append(f"| {r.model} | {r.config} | {base.p50_ms:.2f} | {row.p50_ms:.2f} | {ratio:.2f}x | "
+        gflop = r.settings.get("gflop_per_sample")
+        lines.append(f"| {r.model} | {r.config} | {f'{gflop:.3g}' if gflop else '-'} | {base.p50_ms:.2f} | "
+                     f"{row.p50_ms:.2f} | {ratio:.2f}x | "
                      f"{'ok' if row.correct else 'WRONG'} |")
     lines += ["", f"{backend} slower than eager beyond noise: {', '.join(slower) if slower else 'none'}."]
     return "\n".join(lines) + "\n"
