@@ -137,7 +137,11 @@ def _add_roofline(result: BenchmarkResult, eager, spec, threads: int, on_progres
 
     if on_progress:
         on_progress("counting FLOPs and measuring the matmul rate")
-    result.settings["gflop_per_sample"] = model_gflop(eager.model, spec.example_inputs(1, seed=1))
+    try:
+        result.settings["gflop_per_sample"] = model_gflop(eager.model, spec.example_inputs(1, seed=1))
+    except Exception as e:  # noqa: BLE001 - a diagnostic column must not cost the user the timings
+        result.settings["gflop_error"] = f"{type(e).__name__}: {e}"
+        return
     result.machine["matmul_gflops"] = matmul_gflops(threads)
 
 

@@ -25,7 +25,7 @@ def markdown(result: BenchmarkResult, baseline: str = "torch") -> str:
                   f"{peak:.0f} GFLOP/s fp32 matmul rate measured here: no fp32 backend can run batch 1 "
                   f"faster than {floor_ms(gflop, peak):.3g} ms.", ""]
     lines += ["| backend | precision | batch | conc. | p50 ms | p90 ms | p99 ms | samples/s | vs eager "
-              "| % of matmul rate | host MB | stable | outputs |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+              "| % of matmul rate | host MB | stable | outputs |", "|---" * 13 + "|"]
     for r in result.rows:
         base = result.row(baseline, r.batch_size)
         ratio = f"{r.p50_ms / base.p50_ms:.2f}x" if base and r.concurrency == 1 else "-"
@@ -38,7 +38,8 @@ def markdown(result: BenchmarkResult, baseline: str = "torch") -> str:
                      f"| {stable} | {outputs} |")
     lines += ["", "`vs eager`: median latency relative to the eager model at the same batch (lower is "
               "faster). `% of matmul rate`: the model's counted GFLOP per second over the machine's fp32 "
-              "matmul rate (near 100% the backend is at the compute floor). Rows marked WRONG failed the output check against eager and are not comparable."]
+              "matmul rate (near 100% the backend is at the compute floor). Rows marked WRONG failed the "
+              "output check against eager and are not comparable."]
     return "\n".join(lines) + "\n"
 
 

@@ -57,7 +57,9 @@ def model_gflop(model, feed: Mapping[str, np.ndarray]) -> float:
     from torch.utils.flop_counter import FlopCounterMode
 
     counter = FlopCounterMode(display=False)
-    with torch.inference_mode(), counter:
+    # Grad mode on: the counter's module tracker (torch 2.13) asserts on modules that
+    # return several tensors under no_grad / inference_mode (CaiT's class-attention blocks).
+    with torch.enable_grad(), counter:
         model(**{k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in feed.items()})
     return counter.get_total_flops() / 1e9
 
