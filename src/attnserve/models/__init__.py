@@ -12,6 +12,8 @@ from attnserve.models import (  # noqa: F401  (registers)
     nonlocal_net,
     pdan,
     pvt,
+    ram,
+    recurrent_saliency,
     sasa,
     semantic_attention,
     separable_sta,
