@@ -126,6 +126,54 @@ def verify_cmd(
     console.print("[green]parity passed[/green]")
 
 
+@app.command("build-engine")
+def build_engine_cmd(
+    source: Annotated[Path, typer.Argument(
+        help="An export directory or .onnx file (a part: DIR/PART/model.onnx).")],
+    output: Annotated[Path | None, typer.Option(
+        "--output", "-o", help="Engine file or directory (default: model.engine beside the ONNX).")] = None,
+    shape: Annotated[list[str] | None, typer.Option(
+        help="NAME:MIN:OPT:MAX with shapes like 1x3x224x224 (NAME:SHAPE fixes it); repeatable.")] = None,
+    max_batch: Annotated[int, typer.Option(help="Largest batch of the profiles derived from the spec.")] = 8,
+    opt_batch: Annotated[int | None, typer.Option(
+        help="Batch TensorRT tunes for (default: --max-batch).")] = None,
+    precision: Annotated[str, typer.Option(
+        help="fp32; fp16 or int8 (builder flags, TensorRT 10 only); onnx (strongly typed: the graph's).",
+    )] = "fp32",
+    workspace: Annotated[str | None, typer.Option(help="Builder workspace limit, e.g. 2G.")] = None,
+    timing_cache: Annotated[Path | None, typer.Option(
+        help="Timing cache to reuse and update (default: timing.cache beside the engine).")] = None,
+    plugin: Annotated[list[str] | None, typer.Option(
+        help="attnserve, or a plugin library file; repeatable (attnserve's are added for its custom ops).",
+    )] = None,
+    opt_level: Annotated[int | None, typer.Option(
+        help="Builder optimisation level 0-5 (TensorRT: 3).")] = None,
+    device: Annotated[int, typer.Option(help="CUDA device index.")] = 0,
+) -> None:
+    """Build a TensorRT engine and its sidecar (what it was built for) from an exported model."""
+    from attnserve.runtime.engine_cache import sidecar_path
+    from attnserve.runtime.tensorrt import (
+        ProfilePolicy,
+        build_engine,
+        engine_path_for,
+        parse_shape_option,
+        parse_size,
+        resolve_onnx,
+    )
+
+    profiles = dict(parse_shape_option(s) for s in shape or [])
+    onnx = resolve_onnx(source)
+    engine = engine_path_for(onnx, output)
+    with console.status(f"building a TensorRT engine from {onnx}..."):
+        path = build_engine(
+            onnx, engine, profiles=profiles, precision=precision,
+            workspace=parse_size(workspace) if workspace else None,
+            timing_cache=timing_cache or engine.with_name("timing.cache"), plugins=tuple(plugin or ()),
+            builder_optimization_level=opt_level, policy=ProfilePolicy(max_batch, opt_batch), device=device,
+        )
+    console.print(f"wrote {path} and {sidecar_path(path).name}")
+
+
 @app.command("bench")
 def bench_cmd(
     source: Annotated[str | None, typer.Argument(help="Model name, or an export directory.")] = None,

@@ -26,7 +26,7 @@ from attnserve.bench.latency import (
 )
 from attnserve.errors import AttnserveError
 
-BENCH_BACKENDS = ("torch", "ort", "openvino", "triton")
+BENCH_BACKENDS = ("torch", "ort", "openvino", "trt", "triton")
 PRECISIONS = ("fp32", "fp16")
 
 

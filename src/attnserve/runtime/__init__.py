@@ -11,8 +11,10 @@ from pathlib import Path
 from attnserve.artifact import load_vocabularies, read_artifact
 from attnserve.errors import AttnserveError, BackendUnavailableError
 from attnserve.runtime.base import Runner
+from attnserve.runtime.engine_cache import load_engine
+from attnserve.runtime.tensorrt import build_engine  # imports TensorRT only when called
 
-BACKENDS = ("ort", "openvino", "torch")
+BACKENDS = ("ort", "openvino", "torch", "trt")
 
 
 def load(path: str | Path, backend: str = "ort", device: str = "cpu", threads: int = 0) -> Runner:
@@ -20,12 +22,18 @@ def load(path: str | Path, backend: str = "ort", device: str = "cpu", threads: i
 
     Args:
         path: an export directory (as written by `attnserve export`) or an .onnx file.
-        backend: "ort" (ONNX Runtime), "openvino" (OpenVINO, CPU), or "torch" (the eager
+        backend: "ort" (ONNX Runtime), "openvino" (OpenVINO, CPU), "torch" (the eager
             model the export came from, rebuilt from the manifest: same model, config,
-            checkpoint and seed).
-        device: "cpu", or "cuda" / "tensorrt" for ONNX Runtime's GPU providers.
-        threads: intra-op threads (0: the backend's default).
+            checkpoint and seed), or "trt" (a TensorRT engine: an .engine file, or the
+            model.engine beside an export's ONNX, built there when missing or stale).
+        device: "cpu", or "cuda" / "tensorrt" for ONNX Runtime's GPU providers; "cuda" or
+            "cuda:N" for "trt" ("cpu", the default, means the first GPU there).
+        threads: intra-op threads (0: the backend's default; "trt" ignores it).
     """
+    if backend == "trt":  # before read_artifact: an engine may be deployed without its ONNX
+        from attnserve.runtime.tensorrt import TrtRunner
+
+        return TrtRunner.from_path(path, device="cuda" if device == "cpu" else device)
     artifact = read_artifact(path)
     if backend == "ort":
         from attnserve.runtime.ort import OrtRunner
@@ -66,6 +74,12 @@ def load_parts(path: str | Path, backend: str = "ort", device: str = "cpu", thre
         root = artifact.onnx_path.parent
         return m, {part: OrtRunner(root / entry["onnx"], device=device, threads=threads)
                    for part, entry in m["parts"].items()}
+    if backend == "trt":  # an engine per part, beside its ONNX (spec and cache limit from the manifest)
+        from attnserve.runtime.tensorrt import TrtRunner
+
+        root, gpu = artifact.onnx_path.parent, "cuda" if device == "cpu" else device
+        return m, {part: TrtRunner.from_path(root / entry["onnx"], device=gpu)
+                   for part, entry in m["parts"].items()}
     if backend == "torch":
         if device != "cpu":
             raise BackendUnavailableError("the torch reference runner runs on the CPU only")
@@ -97,4 +111,5 @@ def load_generator(path: str | Path, backend: str = "ort", device: str = "cpu", 
     return parts["encoder"], parts["decoder_step"], config
 
 
-__all__ = ["BACKENDS", "Runner", "load", "load_generator", "load_parts", "load_vocabularies"]
+__all__ = ["BACKENDS", "Runner", "build_engine", "load", "load_engine", "load_generator", "load_parts",
+           "load_vocabularies"]
