@@ -120,3 +120,16 @@ def test_runtime_bench_client_and_serving_import_no_torch():
         "assert 'torch' not in sys.modules, 'torch was imported'"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_the_tensorrt_path_imports_only_numpy_besides_tensorrt_and_cuda_python():
+    """A Jetson runs engines with numpy + tensorrt + cuda-python alone (JetPack's TensorRT,
+    no onnxruntime or torch wheels for it): the runner, the engine cache, the plugins'
+    registration and the benchmark must not pull anything else in at import."""
+    code = (
+        "import sys, attnserve.runtime.tensorrt, attnserve.runtime.engine_cache, attnserve.plugins, "
+        "attnserve.bench, attnserve.bench.latency; "
+        "heavy = {'torch', 'onnxruntime', 'onnx', 'openvino', 'triton', 'tritonclient'} & set(sys.modules); "
+        "assert not heavy, f'imported {sorted(heavy)}'"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -18,10 +18,20 @@ Nothing here imports TensorRT or Triton until it is used.
 from __future__ import annotations
 
 from attnserve.errors import BackendUnavailableError
-from attnserve.plugins.onnx_graph import check_plugin_nodes, prepare_onnx
 from attnserve.plugins.shapes import NAMESPACE, PLUGINS
 
 __all__ = ["NAMESPACE", "PLUGINS", "check_plugin_nodes", "prepare_onnx", "register_plugins"]
+
+
+def __getattr__(name: str):
+    # PEP 562: prepare_onnx and check_plugin_nodes need the onnx package, which a Jetson
+    # that only runs prebuilt engines (numpy + tensorrt + cuda-python) may not have.
+    if name in ("check_plugin_nodes", "prepare_onnx"):
+        from attnserve.plugins import onnx_graph
+
+        return getattr(onnx_graph, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 # tensorrt.plugin.aot_impl and trt.QuickPluginCreationRequest appeared in TensorRT 10.9.
 MIN_TENSORRT = "10.9"
