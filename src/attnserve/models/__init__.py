@@ -9,6 +9,7 @@ from attnserve.models import (  # noqa: F401  (registers)
     gan,
     han,
     handwriting,
+    image_transformer,
     nonlocal_net,
     pdan,
     pvt,
