@@ -1,6 +1,7 @@
 """The model zoo. Importing this package registers every architecture family."""
 
 from attnserve.models import (  # noqa: F401  (registers)
+    attention_lstm_action,
     attention_resnet,
     attention_to_scale,
     cait,
@@ -20,6 +21,7 @@ from attnserve.models import (  # noqa: F401  (registers)
     separable_sta,
     seq2seq,
     show_attend_tell,
+    stacked_attention_vqa,
     stn,
     swin,
     transformer,
