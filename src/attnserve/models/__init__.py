@@ -7,6 +7,7 @@ from attnserve.models import (  # noqa: F401  (registers)
     cait,
     deit,
     detr,
+    draw,
     gan,
     han,
     handwriting,
