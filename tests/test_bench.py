@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import time
 
 import numpy as np
 import pytest
@@ -21,8 +20,32 @@ SPEC = ModelSpec(name="toy", config="tiny", task="image-classification",
                  inputs=(TensorSpec("x", "float32", ("batch", 4)),), outputs=(TensorSpec("y", "float32", ("batch", 4)),))
 
 
+class FakeClock:
+    """The benchmark's clock in these tests, advanced only by Scripted calls: the timings
+    checked are exactly the scripted ones, however busy the machine is."""
+
+    def __init__(self):
+        self.now = 1000.0
+
+    def perf_counter(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def clock(monkeypatch):
+    import attnserve.bench.latency as latency
+
+    fake = FakeClock()
+    monkeypatch.setattr(latency, "time", fake)
+    monkeypatch.setattr(Scripted, "clock", fake)
+    return fake
+
+
 class Scripted(Runner):
-    """Sleeps the next of `delays_ms` (cycled) per call and returns x * scale."""
+    """Takes the next of `delays_ms` (cycled) per call on the fake clock (the `clock`
+    fixture) and returns x * scale."""
+
+    clock: FakeClock | None = None
 
     backend = "scripted"
 
@@ -32,7 +55,7 @@ class Scripted(Runner):
         self.scale = scale
 
     def _run(self, feed):
-        time.sleep(next(self.delays) / 1e3)
+        self.clock.now += next(self.delays) / 1e3
         return {"y": feed["x"] * self.scale}
 
     def _close(self):
@@ -50,7 +73,7 @@ def test_statistics_on_synthetic_timings():
     assert window_spread([10, 11]) == float("inf")  # fewer than three windows: not known to be stable
 
 
-def test_windows_stop_once_three_agree_and_flag_a_noisy_backend():
+def test_windows_stop_once_three_agree_and_flag_a_noisy_backend(clock):
     steady = Scripted([2])
     # Alternating 2 ms and 8 ms windows (5 calls each): medians never agree within 10%.
     noisy = Scripted([2] * 5 + [8] * 5)
@@ -64,7 +87,7 @@ def test_windows_stop_once_three_agree_and_flag_a_noisy_backend():
     assert alone.rows[0].windows == 3 and alone.rows[0].iterations == 15  # stopped at the first chance
 
 
-def test_the_gate_reports_a_fast_wrong_backend_as_wrong():
+def test_the_gate_reports_a_fast_wrong_backend_as_wrong(clock):
     result = benchmark_runners({"torch": Scripted([3]), "fast": Scripted([1], scale=1.5)}, SPEC, [2],
                                warmup=1, iterations=3, max_windows=3)
     rows = {r.backend: r for r in result.rows}
@@ -72,7 +95,7 @@ def test_the_gate_reports_a_fast_wrong_backend_as_wrong():
     assert "WRONG" in report.markdown(result)
 
 
-def test_reports_are_written_and_parse(tmp_path):
+def test_reports_are_written_and_parse(tmp_path, clock):
     result = benchmark_runners({"torch": Scripted([2]), "ort": Scripted([1])}, SPEC, [1, 4], warmup=1,
                                iterations=3, max_windows=3)
     files = report.write_reports(result, tmp_path)
@@ -102,7 +125,7 @@ def test_zoo_table_lists_the_models_where_the_export_is_slower():
     assert "slower than eager beyond noise: b." in table and "failed: cannot export" in table
 
 
-def test_the_compute_floor_counts_flops_and_reports_the_rate_each_backend_reaches():
+def test_the_compute_floor_counts_flops_and_reports_the_rate_each_backend_reaches(clock):
     import torch
 
     from attnserve.bench import roofline

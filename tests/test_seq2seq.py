@@ -8,12 +8,14 @@ import pytest
 
 from attnserve import runtime
 from attnserve.errors import AttnserveError
-from attnserve.models import get_entry, list_models
+from attnserve.models import get_entry, get_spec, list_models
 from attnserve.runtime.generate import beam_search, greedy_search
 from attnserve.spec import ModelSpec
 
-# Token generators; handwriting_synthesis samples strokes (tests/test_handwriting.py).
-GENERATIVE = [n for n in list_models() if hasattr(get_entry(n).model_cls, "generation_config")]
+# Text generators, whose steps attend over a source; handwriting_synthesis samples strokes
+# (tests/test_handwriting.py) and image_transformer pixels (tests/test_image_transformer.py).
+GENERATIVE = [n for n in list_models() if hasattr(get_entry(n).model_cls, "generation_config")
+              and get_spec(n).task in ("translation", "image-captioning")]
 # Every attention variant the family has, in its tiny form.
 VARIANTS = {"luong_seq2seq": ["tiny", "tiny_dot", "tiny_concat", "tiny_local"], "show_attend_tell": ["tiny", "tiny_hard"]}
 CASES = [(n, c) for n in GENERATIVE for c in VARIANTS.get(n, ["tiny"])]
