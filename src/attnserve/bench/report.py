@@ -21,7 +21,7 @@ def markdown(result: BenchmarkResult, baseline: str = "torch") -> str:
              f"GPU: {m.get('gpu') or 'none'}; {versions}", ""]
     gflop, peak = result.settings.get("gflop_per_sample"), m.get("matmul_gflops")
     if gflop and peak:
-        lines += [f"Compute floor: {gflop:.3g} GFLOP per sample (matmuls, convolutions, attention) at the "
+        lines += [f"Compute floor: {gflop:.3g} GFLOP per sample (matmuls and convolutions counted) at the "
                   f"{peak:.0f} GFLOP/s fp32 matmul rate measured here: no fp32 backend can run batch 1 "
                   f"faster than {floor_ms(gflop, peak):.3g} ms.", ""]
     lines += ["| backend | precision | batch | conc. | p50 ms | p90 ms | p99 ms | samples/s | vs eager "

@@ -3,10 +3,11 @@
 A latency target only means something against the machine's arithmetic rate. We measure
 that rate as the fp32 matrix-multiply throughput of ONNX Runtime's GEMM (MLAS) at the
 benchmark's thread count, count the model's floating-point work with PyTorch's flop
-counter (matrix multiplies, convolutions and attention: a lower bound, elementwise work
-is not counted), and divide: no fp32 backend can run a call faster than that floor.
-On the 2-core AVX2 machine here ViT-S/16 needs 9.2 GFLOP per image and the GEMM runs at
-about 140 GFLOP/s, so about 65 ms is the fp32 floor at batch 1.
+counter (matrix multiplies and convolutions, and attention where torch has a formula for
+the kernel it runs: a lower bound, elementwise work is not counted), and divide: no fp32
+backend can run a call faster than that floor. On the 2-core AVX2 machine here ViT-S/16
+needs 9.2 GFLOP per image (8.5 counted: torch's CPU attention kernel has no formula) and
+the GEMM runs at 135-158 GFLOP/s, so 54-63 ms is the fp32 floor at batch 1.
 """
 
 from __future__ import annotations
