@@ -69,7 +69,12 @@ def export_cmd(
     config: Annotated[str, typer.Option("--config", "-c", help="Config preset.")] = "tiny",
     checkpoint: Annotated[Path | None, typer.Option(help=".pt/.pth/.bin or .safetensors weights.")] = None,
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Output directory.")] = None,
-    fp16: Annotated[bool, typer.Option("--fp16", help="Write a half-precision model.")] = False,
+    precision: Annotated[str | None, typer.Option(
+        help="fp32; fp16 (half inputs, weights, outputs); mixed (fp16 with fp32 islands found by bisection, "
+             "fp32 I/O); int8 (Q/DQ, calibrated).")] = None,
+    fp16: Annotated[bool, typer.Option("--fp16", help="Same as --precision fp16.")] = False,
+    calibration: Annotated[Path | None, typer.Option(
+        help="int8: a folder of images to calibrate on (default: the spec's example inputs).")] = None,
     opset: Annotated[int, typer.Option(help="ONNX opset (18 or newer; 20 with custom ops).")] = 20,
     custom_ops: Annotated[bool, typer.Option(help="Use attnserve custom ops where present.")] = True,
     allow_mismatch: Annotated[bool, typer.Option(help="Write the model even if parity fails.")] = False,
@@ -79,8 +84,10 @@ def export_cmd(
 ) -> None:
     """Export a model to ONNX and check it against the eager model on ONNX Runtime."""
     from attnserve.export import export_onnx
+    from attnserve.export.precision import resolve_precision
     from attnserve.models import get_spec
 
+    precision = resolve_precision(precision, fp16)
     vocabularies = {}
     for item in vocab or []:
         role, sep, path = item.partition("=")
@@ -88,14 +95,22 @@ def export_cmd(
             role, path = "", item
         roles = [role] if role else list(get_spec(name, config).vocab_sizes) or ["source"]
         vocabularies.update({r: Path(path) for r in roles})
-    out_dir = output or Path("out") / f"{name}-{config}{'-fp16' if fp16 else ''}"
-    with console.status(f"exporting {name} ({config}) and checking parity on ONNX Runtime..."):
+    out_dir = output or Path("out") / f"{name}-{config}{'' if precision == 'fp32' else '-' + precision}"
+    doing = f"exporting {name} ({config}, {precision}) and checking parity on ONNX Runtime..."
+    with console.status(doing) as status:
         result = export_onnx(
-            name, out_dir, config=config, checkpoint=checkpoint, opset=opset,
-            custom_ops=custom_ops, fp16=fp16, allow_mismatch=allow_mismatch, vocabularies=vocabularies,
+            name, out_dir, config=config, checkpoint=checkpoint, opset=opset, custom_ops=custom_ops,
+            precision=precision, calibration=calibration, allow_mismatch=allow_mismatch,
+            vocabularies=vocabularies, on_progress=status.update,
         )
     for report in result.parity:
-        console.print(f"  parity {report.label}: {report.summary()}")
+        console.print(f"  parity {report.label}: {report.summary()}", highlight=False)
+    graphs = [("", result.precision_report)] if result.precision_report else []
+    graphs += list(result.part_precision.items())
+    for part, decided in graphs:
+        for line in decided.lines():
+            console.print(f"  {part + ': ' if part and not line.startswith(' ') else ''}{line}",
+                          highlight=False, soft_wrap=True)
     verdict = "[green]passed[/green]" if result.passed else "[red]FAILED (kept: --allow-mismatch)[/red]"
     console.print(f"wrote {result.onnx_path} ({result.precision}); parity {verdict}")
 

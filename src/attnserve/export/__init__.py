@@ -6,6 +6,7 @@ from pathlib import Path
 
 from attnserve.export.checkpoint import load_checkpoint, read_state_dict, save_state_dict
 from attnserve.export.onnx_export import ExportResult, check_parity, export_onnx
+from attnserve.export.precision import PRECISIONS, KeptNode, PrecisionReport, node_module, node_modules
 
 
 def verify_onnx(path: str | Path, name: str | None = None, config: str = "tiny",
@@ -35,6 +36,6 @@ def verify_onnx(path: str | Path, name: str | None = None, config: str = "tiny",
 
 
 __all__ = [
-    "ExportResult", "check_parity", "export_onnx", "load_checkpoint", "read_state_dict",
-    "save_state_dict", "verify_onnx",
+    "PRECISIONS", "ExportResult", "KeptNode", "PrecisionReport", "check_parity", "export_onnx",
+    "load_checkpoint", "node_module", "node_modules", "read_state_dict", "save_state_dict", "verify_onnx",
 ]

@@ -14,7 +14,7 @@ import os
 import shutil
 import tempfile
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,6 +27,7 @@ from attnserve import __version__
 from attnserve.artifact import MANIFEST_NAME, ONNX_NAME, PARITY_NAME, vocabulary_file
 from attnserve.compare import ComparisonReport, compare_outputs
 from attnserve.errors import AttnserveError, ExportError, ParityError, first_line
+from attnserve.export import precision as precisions
 from attnserve.models import create_model, get_entry
 from attnserve.models.layers import explicit_attention
 from attnserve.ops import onnx_ops
@@ -41,8 +42,6 @@ DEFAULT_OPSET = 20
 PARITY_BATCH_SIZES = (1, 3)
 # Traced at batch 2: a size-1 example would let the tracer specialise the batch axis.
 _TRACE_BATCH = 2
-# Tasks whose last output axis is a vocabulary: parity also reports top-1 agreement.
-_TOKEN_TASKS = ("translation", "image-captioning")
 
 
 @dataclass
@@ -57,6 +56,9 @@ class ExportResult:
     # Generative models: part name -> its .onnx, and its parity reports.
     parts: dict[str, Path] = dataclasses.field(default_factory=dict)
     part_parity: dict[str, list[ComparisonReport]] = dataclasses.field(default_factory=dict)
+    # mixed and int8: how the precision was decided (fp32 nodes, Q/DQ), per graph.
+    precision_report: precisions.PrecisionReport | None = None
+    part_precision: dict[str, precisions.PrecisionReport] = dataclasses.field(default_factory=dict)
 
     @property
     def passed(self) -> bool:
@@ -72,11 +74,14 @@ def export_onnx(
     *,
     opset: int = DEFAULT_OPSET,
     custom_ops: bool = True,
+    precision: str | None = None,
     fp16: bool = False,
+    calibration: str | Path | None = None,
     allow_mismatch: bool = False,
     parity_batch_sizes: tuple[int, ...] = PARITY_BATCH_SIZES,
     seed: int = 0,
     vocabularies: Mapping[str, str | Path | Vocabulary] | None = None,
+    on_progress: Callable[[str], None] | None = None,
     **overrides: Any,
 ) -> ExportResult:
     """Export a registered model to `out_dir` and check it against the eager model.
@@ -91,8 +96,16 @@ def export_onnx(
         custom_ops: emit attnserve custom-op nodes where the model has them (with
             model-local function bodies); False writes standard ops only. Models without
             custom ops ignore it.
-        fp16: write a half-precision graph (fp16 inputs, weights and outputs), checked
-            against the fp32 eager model with the spec's fp16 tolerance.
+        precision: the precision written in the graph (None: "fp32", or "fp16" when
+            `fp16`), each checked against the fp32 eager model on ONNX Runtime (CPU):
+            "fp32"; "fp16": a half-precision graph (fp16 inputs, weights and outputs), at
+            the spec's fp16 tolerance; "mixed": the fp32 graph converted to fp16 with fp32
+            inputs and outputs and fp32 islands found by bisection (see
+            `attnserve.export.precision`), at the fp16 tolerance; "int8": Q/DQ nodes on
+            the inputs of Conv/Gemm/MatMul, judged by `precision.INT8_CRITERION`.
+        fp16: an alias of precision="fp16".
+        calibration: int8: a folder of images to calibrate on, preprocessed as the spec
+            says (default: the spec's example inputs).
         allow_mismatch: write the model even if parity fails (the report says so).
         parity_batch_sizes: batch sizes the parity check runs at.
         seed: initialisation seed when no checkpoint is given (recorded, so the torch
@@ -100,12 +113,17 @@ def export_onnx(
         vocabularies: role ("source", "target"; see ModelSpec.vocab_sizes) -> the
             vocabulary the checkpoint was trained with (a file or a Vocabulary); saved
             beside the model as vocab-<role>.json so clients turn text into ids and back.
+        on_progress: called with a line as mixed precision's bisection goes.
         **overrides: config field overrides.
 
     Raises:
         ParityError: parity failed and allow_mismatch is False; nothing was written.
-        ExportError: the exporter or onnx.checker failed.
+        ExportError: the exporter or onnx.checker failed, an unknown precision, or int8
+            without float inputs or readable calibration images.
     """
+    precision = precisions.resolve_precision(precision, fp16)
+    if calibration is not None and precision != "int8":
+        raise ExportError(f"a calibration folder is for int8; this export is {precision}")
     if opset < MIN_OPSET:
         raise ExportError(f"opset {opset} is too old; attnserve exports opset {MIN_OPSET} or newer")
     entry = get_entry(name)
@@ -113,29 +131,39 @@ def export_onnx(
     model = create_model(name, cfg, str(checkpoint) if checkpoint else None, seed=seed)
     spec = dataclasses.replace(entry.spec_fn(name, config_name, cfg), config=config_name)
     vocabs = _checked_vocabularies(spec, vocabularies or {})
-    precision = "fp16" if fp16 else "fp32"
-    graph_spec = _with_float_dtype(spec, "float16") if fp16 else spec
+    half = precision == "fp16"  # the only precision whose inputs and outputs change
+    graph_spec = _with_float_dtype(spec, "float16") if half else spec
+    # int8: calibration data first, so a bad folder fails before minutes of export.
+    calibration_data = precisions.calibration_feeds(spec, calibration) if precision == "int8" else None
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=out_dir))
     try:
         onnx_path = staging / ONNX_NAME
-        export_model = copy.deepcopy(model).half() if fp16 else model
+        export_model = copy.deepcopy(model).half() if half else model
         _torch_export(export_model, graph_spec, onnx_path, opset, custom_ops)
+        precision_report = _set_precision(model, spec, onnx_path, precision, calibration_data,
+                                          parity_batch_sizes, seed=0, on_progress=on_progress)
         reports = check_parity(model, spec, onnx_path, precision, parity_batch_sizes)
-        part_reports, part_manifest = {}, {}
+        part_reports, part_manifest, part_precision = {}, {}, {}
         if hasattr(model, "export_parts"):  # generative models: encoder + decoder step
             exported_parts = export_model.export_parts()
             for part, (module, part_spec) in model.export_parts().items():
-                part_graph_spec = _with_float_dtype(part_spec, "float16") if fp16 else part_spec
+                part_graph_spec = _with_float_dtype(part_spec, "float16") if half else part_spec
                 part_path = staging / part / ONNX_NAME
                 part_path.parent.mkdir()
                 _torch_export(exported_parts[part][0], part_graph_spec, part_path, opset, custom_ops)
+                part_calibration = (_part_calibration(part_spec, calibration)
+                                    if precision == "int8" else None)
+                part_precision[part] = _set_precision(
+                    module, part_spec, part_path, precision, part_calibration, parity_batch_sizes, seed=0,
+                    on_progress=on_progress)
                 part_reports[part] = check_parity(module, part_spec, part_path, precision, parity_batch_sizes)
                 part_manifest[part] = {
                     "onnx": f"{part}/{ONNX_NAME}", "spec": part_graph_spec.to_dict(),
                     "parity_passed": all(r.passed for r in part_reports[part]),
+                    "precision_report": part_precision[part].to_dict() if part_precision[part] else None,
                 }
         passed = all(r.passed for r in reports + [r for rs in part_reports.values() for r in rs])
         if not passed and not allow_mismatch:
@@ -144,9 +172,10 @@ def export_onnx(
                 f"{label}: {', '.join(r.failures())}"
                 for label, r in [(r.label, r) for r in reports] + labelled if not r.passed
             )
+            bound = "the int8 criterion" if precision == "int8" else "tolerance"
             raise ParityError(
                 f"{name} ({config_name}, {precision}) differs from the eager model on ONNX "
-                f"Runtime beyond tolerance ({failures}); nothing was written. Pass "
+                f"Runtime beyond {bound} ({failures}); nothing was written. Pass "
                 "--allow-mismatch to keep it anyway.",
                 reports,
             )
@@ -157,6 +186,7 @@ def export_onnx(
             "backend": "onnxruntime-cpu",
             "reports": [r.to_dict() for r in reports],
             "parts": {part: [r.to_dict() for r in rs] for part, rs in part_reports.items()},
+            "precision_report": precision_report.to_dict() if precision_report else None,
         })
         manifest = {
             "format": 1,
@@ -170,6 +200,8 @@ def export_onnx(
             "opset": opset,
             "custom_ops": custom_ops,
             "parity_passed": passed,
+            # mixed: the nodes kept in fp32 and the modules they came from; int8: Q/DQ.
+            "precision_report": precision_report.to_dict() if precision_report else None,
             "spec": graph_spec.to_dict(),
             "parts": part_manifest,
             # Token generators only: handwriting has parts but samples strokes instead.
@@ -189,7 +221,8 @@ def export_onnx(
                 shutil.rmtree(out_dir / f.name)
             os.replace(f, out_dir / f.name)
         parts = {part: out_dir / entry["onnx"] for part, entry in part_manifest.items()}
-        return ExportResult(out_dir, final_path, graph_spec, reports, precision, parts, part_reports)
+        return ExportResult(out_dir, final_path, graph_spec, reports, precision, parts, part_reports,
+                            precision_report, {p: r for p, r in part_precision.items() if r})
     finally:
         shutil.rmtree(staging, ignore_errors=True)
         if not any(out_dir.iterdir()):
@@ -221,10 +254,21 @@ def check_parity(
     seed: int = 0,
 ) -> list[ComparisonReport]:
     """Run the ONNX file on ONNX Runtime (CPU) and the eager model on the same inputs,
-    at each batch size; one report per batch size."""
+    at each batch size; one report per batch size.
+
+    fp32, fp16 and mixed are held to the spec's tolerance of their precision (mixed: the
+    fp16 one); int8 to `precision.INT8_CRITERION`, with a batch of
+    `precision.INT8_CHECK_BATCH` added so top-1 agreement is a fraction of enough rows.
+    """
     from attnserve.runtime.ort import OrtRunner
     from attnserve.runtime.torch_runner import TorchRunner
 
+    key = precisions.tolerance_key(precision)
+    int8 = key is None
+    if int8:
+        batch_sizes = precisions.int8_batch_sizes(batch_sizes)
+    # int8's element-wise figures are reported against the fp16 tolerance, not judged by it.
+    tolerance = spec.tolerance(key or "fp16")
     reports = []
     # The function bodies as stored, which every runtime runs.
     with OrtRunner(onnx_path) as onnx_runner:
@@ -240,11 +284,34 @@ def check_parity(
                 actual = onnx_runner.run(feed)
             expected = reference.run(feed)
             reports.append(compare_outputs(
-                expected, actual, spec.tolerance(precision),
-                classes_last_axis=spec.task.endswith("classification") or spec.task in _TOKEN_TASKS,
+                expected, actual, tolerance, classes_last_axis=precisions.has_class_axis(spec),
                 label=f"batch {batch}",
             ))
-    return reports
+    return list(precisions.judge_int8(reports)) if int8 else reports
+
+
+def _set_precision(model: torch.nn.Module, spec: ModelSpec, onnx_path: Path, precision: str,
+                   calibration: tuple[list, str] | None, batch_sizes: tuple[int, ...], *, seed: int,
+                   on_progress: Callable[[str], None] | None) -> precisions.PrecisionReport | None:
+    """Rewrite the fp32 export at `onnx_path` at `precision` (mixed, int8); None for the
+    precisions the exporter writes itself."""
+    if precision == "mixed":
+        converted, report = precisions.convert_mixed(onnx.load(str(onnx_path)), model, spec, batch_sizes,
+                                                     seed=seed, on_progress=on_progress)
+    elif precision == "int8":
+        feeds, source = calibration
+        converted, report = precisions.quantize_int8(onnx_path, feeds, source)
+    else:
+        return None
+    _save_checked(converted, onnx_path, spec)
+    return report
+
+
+def _part_calibration(part_spec: ModelSpec, folder: str | Path | None) -> tuple[list, str]:
+    """A part's calibration data: the folder's images when the part takes the images
+    (an encoder), its example inputs otherwise (a decoder step)."""
+    takes_images = folder is not None and part_spec.preprocessing.get("layout") == "NCHW"
+    return precisions.calibration_feeds(part_spec, folder if takes_images else None)
 
 
 def _torch_export(model: torch.nn.Module, spec: ModelSpec, path: Path, opset: int,
@@ -281,9 +348,16 @@ def _torch_export(model: torch.nn.Module, spec: ModelSpec, path: Path, opset: in
         proto = onnx_ops.finish_custom_ops(program.model_proto, custom_ops)
     except ValueError as e:
         raise ExportError(f"{spec.name}: {e}") from None
+    _save_checked(proto, path, spec)
+
+
+def _save_checked(proto: onnx.ModelProto, path: Path, spec: ModelSpec) -> None:
+    """Save with external data beside `path` (replacing any), then onnx.checker it."""
     proto.ir_version = min(proto.ir_version, MAX_IR_VERSION)
+    data = path.with_name(path.name + ".data")
+    data.unlink(missing_ok=True)  # onnx appends to an existing data file
     onnx.save_model(proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location=path.name + ".data", size_threshold=1024)
+                    location=data.name, size_threshold=1024)
     try:
         onnx.checker.check_model(str(path), full_check=True)
     except onnx.checker.ValidationError as e:
