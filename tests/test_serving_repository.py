@@ -138,3 +138,12 @@ def test_a_video_model_of_any_clip_length_gets_pipelines_and_a_stream(tmp_path, 
     stream = parse((repo / "nonlocal_i3d-tiny-stream" / "config.pbtxt").read_text())
     assert stream.parameters["frames"].string_value == str(export.spec.preprocessing["num_frames"])
     assert stream.HasField("sequence_batching")
+
+
+def test_each_precision_of_a_model_gets_its_own_name():
+    from attnserve.serving.repository import _model_name
+
+    names = {p: _model_name({"model": "vit", "config": "s16", "precision": p})
+             for p in ("fp32", "fp16", "mixed", "int8")}
+    assert names == {"fp32": "vit-s16", "fp16": "vit-s16-fp16", "mixed": "vit-s16-mixed", "int8": "vit-s16-int8"}
+    assert _model_name({"model": "vit", "config": "tiny+img_size=64"}) == "vit-tiny-img_size64"

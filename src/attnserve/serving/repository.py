@@ -238,7 +238,8 @@ def build_repository(exports: Sequence[str | Path], out_dir: str | Path, flavor:
 
 
 def _model_name(manifest: dict) -> str:
-    precision = "-fp16" if manifest.get("precision") == "fp16" else ""
+    # fp32 keeps the plain name; fp16, mixed and int8 exports of one model sit beside it.
+    precision = "" if manifest.get("precision", "fp32") == "fp32" else f"-{manifest['precision']}"
     # Config names with overrides ("tiny+img_size=64") become folder-safe ("tiny-img_size64").
     name = f"{manifest['model']}-{manifest['config']}{precision}"
     return name.replace("+", "-").replace(",", "-").replace("=", "")
