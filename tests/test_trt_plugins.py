@@ -19,6 +19,7 @@ or the compiler when a module is imported, and tests/test_kernels.py imports the
 modules in the test process with TRITON_INTERPRET=1.
 """
 
+import functools
 import importlib
 import importlib.util
 import inspect
@@ -36,6 +37,7 @@ import pytest
 
 from attnserve.errors import AttnserveError, BackendUnavailableError
 from attnserve.plugins import PLUGINS, prepare_onnx, register_plugins, shapes, trt_plugins
+from attnserve.plugins import aot as plugin_aot
 from attnserve.plugins.onnx_graph import ONNX_ATTR_TYPES, check_plugin_nodes, custom_nodes
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
@@ -53,16 +55,9 @@ HAS_TENSORRT = _tensorrt_importable()
 TARGETS = (80, 87, 89, 90)
 
 
-def _window_attrs(window, mode="block", shift=None, before=None, after=None, dilation=None, causal=0,
-                  scale=0.5) -> dict:
-    r = len(window)
-    return dict(window=list(window), mode=mode, shift=list(shift or [0] * r),
-                memory_before=list(before or [0] * r), memory_after=list(after or [0] * r),
-                dilation=list(dilation or [1] * r), causal=causal, scale=scale)
-
-
-def _sample_attrs(mode="bilinear", padding_mode="zeros", align_corners=0, **extra) -> dict:
-    return dict(extra, mode=mode, padding_mode=padding_mode, align_corners=align_corners)
+# The tests' windows use scale 0.5 (larger logits than a real head's d**-0.5 exercise the softmax).
+_window_attrs = functools.partial(plugin_aot.window_attrs, scale=0.5)
+_sample_attrs = plugin_aot.sample_attrs
 
 
 # --- the contract --------------------------------------------------------------------

@@ -16,7 +16,7 @@ import numbers
 import numpy as np
 
 from attnserve.errors import InputError
-from attnserve.postprocess_segmentation import resize_bilinear
+from attnserve.postprocess_segmentation import check_size, resize_bilinear
 
 
 def saliency_mask(saliency: np.ndarray, size=None, threshold: float | str = 0.5) -> np.ndarray:
@@ -58,12 +58,7 @@ def region_boxes(theta: np.ndarray, size) -> np.ndarray:
     theta = np.asarray(theta, dtype=np.float64)
     if theta.ndim < 2 or theta.shape[-2:] != (2, 3):
         raise InputError(f"expected thetas of shape (..., 2, 3), got {theta.shape}")
-    try:
-        height, width = (int(s) for s in size)
-    except (TypeError, ValueError):
-        raise InputError(f"size must be (height, width), got {size!r}") from None
-    if height < 1 or width < 1:
-        raise InputError(f"size must be positive, got {height} x {width}")
+    height, width = check_size(size)
     # The unit square of the output grid maps to [x - sx, x + sx] x [y - sy, y + sy].
     sx, sy = np.abs(theta[..., 0, 0]), np.abs(theta[..., 1, 1])
     x, y = theta[..., 0, 2], theta[..., 1, 2]

@@ -19,7 +19,7 @@ from attnserve.errors import InputError
 METHODS = ("bilinear", "nearest")
 
 
-def _check_size(size) -> tuple[int, int]:
+def check_size(size) -> tuple[int, int]:
     try:
         height, width = (int(s) for s in size)
     except (TypeError, ValueError):
@@ -43,7 +43,7 @@ def resize_bilinear(maps: np.ndarray, size) -> np.ndarray:
     maps = np.asarray(maps)
     if maps.ndim < 2 or 0 in maps.shape[-2:]:
         raise InputError(f"expected maps of shape (..., height, width), got {maps.shape}")
-    out_h, out_w = _check_size(size)
+    out_h, out_w = check_size(size)
     x = maps.astype(np.float64)
     for axis, n_out in ((-2, out_h), (-1, out_w)):
         n_in = x.shape[axis]
@@ -64,7 +64,7 @@ def resize_nearest(labels: np.ndarray, size) -> np.ndarray:
     labels = np.asarray(labels)
     if labels.ndim < 2 or 0 in labels.shape[-2:]:
         raise InputError(f"expected maps of shape (..., height, width), got {labels.shape}")
-    out_h, out_w = _check_size(size)
+    out_h, out_w = check_size(size)
     rows = np.floor(_source_coords(out_h, labels.shape[-2]) + 0.5).astype(np.int64)
     cols = np.floor(_source_coords(out_w, labels.shape[-1]) + 0.5).astype(np.int64)
     return np.take(np.take(labels, rows, axis=-2), cols, axis=-1)

@@ -294,15 +294,17 @@ class PtxConfig:
         return shapes.plan(self.op, self.shapes, shapes.normalize_attrs(self.op, self.attrs))
 
 
-def _window_attrs(window, mode="block", shift=None, before=None, after=None, dilation=None, causal=0,
-                  scale=0.125) -> dict:
+def window_attrs(window, mode="block", shift=None, before=None, after=None, dilation=None, causal=0,
+                 scale=0.125) -> dict:
+    """A WindowAttention node's attributes, defaults filled per spatial axis."""
     r = len(window)
     return dict(window=list(window), mode=mode, shift=list(shift or [0] * r),
                 memory_before=list(before or [0] * r), memory_after=list(after or [0] * r),
                 dilation=list(dilation or [1] * r), causal=causal, scale=scale)
 
 
-def _sample_attrs(mode="bilinear", padding_mode="zeros", align_corners=0, **extra) -> dict:
+def sample_attrs(mode="bilinear", padding_mode="zeros", align_corners=0, **extra) -> dict:
+    """A sampler node's attributes (GridSampler; AffineGridSampler with out_size=...)."""
     return dict(extra, mode=mode, padding_mode=padding_mode, align_corners=align_corners)
 
 
@@ -310,11 +312,11 @@ def _sample_attrs(mode="bilinear", padding_mode="zeros", align_corners=0, **extr
 # fp16, a 3-D sampler with reflection, STN's affine sampler).
 CONFIGS = (
     PtxConfig("swin_shifted_fp16", "WindowAttention", ((2, 3, 8, 8, 32),) * 3 + ((3, 16, 16), (4, 16, 16)),
-              _window_attrs([4, 4], shift=[2, 2]), "fp16"),
+              window_attrs([4, 4], shift=[2, 2]), "fp16"),
     PtxConfig("grid3d_reflection", "GridSampler", ((2, 3, 4, 6, 8), (2, 3, 5, 7, 3)),
-              _sample_attrs(padding_mode="reflection", align_corners=1)),
+              sample_attrs(padding_mode="reflection", align_corners=1)),
     PtxConfig("stn_affine2d", "AffineGridSampler", ((2, 1, 28, 28), (2, 2, 3)),
-              _sample_attrs(out_size=[20, 20])),
+              sample_attrs(out_size=[20, 20])),
 )
 
 
