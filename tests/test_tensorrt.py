@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 import types
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -717,7 +718,7 @@ def test_plugins_are_registered_once_and_versions_recorded(monkeypatch, fresh_pl
                         types.SimpleNamespace(register_plugins=lambda: calls.append(1)))
     creator = types.SimpleNamespace(name="GridSampler", plugin_version="1", plugin_namespace="attnserve")
     loaded = []
-    registry = types.SimpleNamespace(all_creators=[creator], load_library=loaded.append)
+    registry = types.SimpleNamespace(all_creators=[creator], load_library=lambda path: loaded.append(path) or "handle")
     trt = types.SimpleNamespace(get_plugin_registry=lambda: registry)
     lib = tmp_path / "libplugins.so"
     lib.write_bytes(b"\x7fELF")
@@ -775,6 +776,540 @@ def test_engine_paths(tmp_path):
     assert trt_rt.engine_path_for(onnx_path, tmp_path / "x.plan") == tmp_path / "x.plan"
     with pytest.raises(AttnserveError, match="does not exist; pass an export directory or an .onnx file"):
         trt_rt.resolve_onnx(tmp_path / "nothing")
+
+
+# ---- build_engine and TrtRunner against fakes of TensorRT's Python API and cuda-python ----------------
+# The fakes have the signatures of the bindings (NVIDIA/TensorRT python/src/infer/pyCore.cpp,
+# parsers/pyOnnx.cpp, 10.x and 11) and of cuda.bindings.runtime (12.9 and 13.x): every CUDA call
+# returns (error, *results), set_optimization_profile_async raises RuntimeError where the C++ API
+# returns false, and a capture records enqueued work that cudaGraphLaunch replays.
+
+OK = FakeError(0, "cudaSuccess")
+
+
+class FakeStream:
+    def __int__(self):
+        return 0xC0FFEE
+
+
+class FakeCudaRuntime:
+    """Device and pinned memory are host memory (ctypes) here; copies check their kind."""
+
+    cudaMemcpyKind = types.SimpleNamespace(cudaMemcpyHostToDevice=1, cudaMemcpyDeviceToHost=2)  # noqa: N815
+    cudaStreamCaptureMode = types.SimpleNamespace(  # noqa: N815
+        cudaStreamCaptureModeGlobal=0, cudaStreamCaptureModeThreadLocal=1, cudaStreamCaptureModeRelaxed=2)
+
+    def __init__(self):
+        self.memory, self.device_addrs, self.host_addrs = {}, set(), set()
+        self.calls, self.capturing, self.captured = [], False, None
+
+    def _alloc(self, size, where):
+        buf = ctypes.create_string_buffer(size)
+        self.memory[ctypes.addressof(buf)] = buf
+        where.add(ctypes.addressof(buf))
+        return OK, ctypes.addressof(buf)
+
+    def cudaSetDevice(self, device):  # noqa: N802
+        self.calls.append(("cudaSetDevice", device))
+        return (OK,)
+
+    def cudaMalloc(self, size):  # noqa: N802
+        return self._alloc(size, self.device_addrs)
+
+    def cudaMallocHost(self, size):  # noqa: N802
+        return self._alloc(size, self.host_addrs)
+
+    def cudaFree(self, ptr):  # noqa: N802
+        self.calls.append(("cudaFree", ptr))
+        self.device_addrs.remove(ptr)
+        return (OK,)
+
+    def cudaFreeHost(self, ptr):  # noqa: N802
+        self.calls.append(("cudaFreeHost", ptr))
+        self.host_addrs.remove(ptr)
+        return (OK,)
+
+    def cudaMemcpyAsync(self, dst, src, count, kind, stream):  # noqa: N802
+        assert isinstance(stream, FakeStream) and not self.capturing
+        h2d = kind == self.cudaMemcpyKind.cudaMemcpyHostToDevice
+        assert (src in self.host_addrs and dst in self.device_addrs) if h2d else \
+            (src in self.device_addrs and dst in self.host_addrs), "copy of the wrong kind"
+        ctypes.memmove(dst, src, count)
+        self.calls.append(("cudaMemcpyAsync", "H2D" if h2d else "D2H", count))
+        return (OK,)
+
+    def cudaStreamCreate(self):  # noqa: N802
+        return OK, FakeStream()
+
+    def cudaStreamSynchronize(self, stream):  # noqa: N802
+        assert not self.capturing, "synchronising a capturing stream"
+        self.calls.append(("cudaStreamSynchronize",))
+        return (OK,)
+
+    def cudaStreamDestroy(self, stream):  # noqa: N802
+        self.calls.append(("cudaStreamDestroy",))
+        return (OK,)
+
+    def cudaStreamBeginCapture(self, stream, mode):  # noqa: N802
+        self.calls.append(("cudaStreamBeginCapture", mode))
+        self.capturing, self.captured = True, []
+        return (OK,)
+
+    def cudaStreamEndCapture(self, stream):  # noqa: N802
+        self.capturing = False
+        return OK, ("graph", tuple(self.captured))
+
+    def cudaGraphInstantiateWithFlags(self, graph, flags):  # noqa: N802
+        assert flags == 0
+        return OK, ("exec", graph[1])
+
+    def cudaGraphLaunch(self, executable, stream):  # noqa: N802
+        self.calls.append(("cudaGraphLaunch",))
+        for kernel in executable[1]:
+            kernel()
+        return (OK,)
+
+    def cudaGraphDestroy(self, graph):  # noqa: N802
+        self.calls.append(("cudaGraphDestroy",))
+        return (OK,)
+
+    def cudaGraphExecDestroy(self, executable):  # noqa: N802
+        self.calls.append(("cudaGraphExecDestroy",))
+        return (OK,)
+
+    def cudaGetLastError(self):  # noqa: N802
+        self.calls.append(("cudaGetLastError",))
+        return (OK,)
+
+
+class FakeILogger:
+    Severity = types.SimpleNamespace(INTERNAL_ERROR=0, ERROR=1, WARNING=2, INFO=3, VERBOSE=4)
+
+    def __init__(self):  # a subclass that skips this has no C++ logger: TensorRT refuses it
+        self.base_initialised = True
+
+
+def _logger_ok(logger):
+    assert getattr(logger, "base_initialised", False), "trt.ILogger.__init__ was not called"
+    return logger
+
+
+def _io_mode():
+    return types.SimpleNamespace(INPUT="INPUT", OUTPUT="OUTPUT")
+
+
+class FakeContext:
+    """y = x * scale + 1 on `x` (-1, 4) and the static `scale` (4,). Like TensorRT, the
+    first enqueueV3 after a change of shapes or profile prepares state that the kernels
+    read; a kernel run against state prepared for other shapes writes NaN."""
+
+    def __init__(self, engine):
+        self.engine, self.cudart = engine, engine.cudart
+        self.profile, self.shapes, self.addresses, self.prepared = 0, {}, {}, None
+        self.profile_calls, self.enqueues = [], 0
+
+    def set_optimization_profile_async(self, profile_index, stream_handle):
+        assert isinstance(stream_handle, int)
+        self.profile_calls.append(profile_index)
+        if profile_index in self.engine.refused_profiles or profile_index >= self.engine.num_optimization_profiles:
+            raise RuntimeError("Error in set optimization profile async.")
+        self.profile, self.prepared = profile_index, None
+        return True
+
+    def set_input_shape(self, name, shape):
+        assert isinstance(shape, tuple)
+        lo, _, hi = self.engine.profiles[self.profile].get(name, (shape, shape, shape))
+        if not all(a <= d <= b for d, a, b in zip(shape, lo, hi, strict=True)):
+            return False
+        self.shapes[name] = shape
+        return True
+
+    def set_tensor_address(self, name, memory):
+        assert isinstance(memory, int) and memory in self.cudart.device_addrs
+        self.addresses[name] = memory
+        return True
+
+    def get_tensor_shape(self, name):
+        if name == "y":
+            return (self.shapes["x"][0], 4) if "x" in self.shapes else (-1, 4)
+        return self.shapes.get(name, self.engine.get_tensor_shape(name))
+
+    def _kernel(self, shapes, addresses):
+        rows = shapes["x"][0]
+        x = np.ctypeslib.as_array((ctypes.c_float * (rows * 4)).from_address(addresses["x"])).reshape(rows, 4)
+        scale = np.ctypeslib.as_array((ctypes.c_float * 4).from_address(addresses["scale"]))
+        y = np.ctypeslib.as_array((ctypes.c_float * (rows * 4)).from_address(addresses["y"])).reshape(rows, 4)
+        y[:] = x * scale + 1 if self.prepared == (self.profile, shapes) else np.nan
+
+    def execute_async_v3(self, stream_handle):
+        assert stream_handle == 0xC0FFEE
+        shapes, addresses = dict(self.shapes), dict(self.addresses)
+        if self.cudart.capturing:
+            if self.engine.fail_capture:
+                return False
+            self.cudart.captured.append(lambda: self._kernel(shapes, addresses))
+            return True
+        self.enqueues += 1
+        self.prepared = (self.profile, shapes)
+        self._kernel(shapes, addresses)
+        return True
+
+
+class FakeEngine:
+    names = ("x", "scale", "y")
+    static = {"x": (-1, 4), "scale": (4,), "y": (-1, 4)}
+
+    def __init__(self, trt, cudart, *, no_context=False, fail_capture=False, refused_profiles=()):
+        self.trt, self.cudart = trt, cudart
+        self.profiles = [{"x": ((1, 4), (2, 4), (4, 4))}, {"x": ((5, 4), (8, 4), (16, 4))}]
+        self.no_context, self.fail_capture, self.refused_profiles = no_context, fail_capture, refused_profiles
+        self.profile_queries, self.contexts = [], []
+
+    num_io_tensors = 3
+    num_optimization_profiles = 2
+
+    def get_tensor_name(self, index):
+        return self.names[index]
+
+    def get_tensor_mode(self, name):
+        return self.trt.TensorIOMode.OUTPUT if name == "y" else self.trt.TensorIOMode.INPUT
+
+    def is_shape_inference_io(self, name):
+        return False
+
+    def get_tensor_dtype(self, name):
+        return types.SimpleNamespace(name="FLOAT")
+
+    def get_tensor_shape(self, name):
+        return self.static[name]
+
+    def get_tensor_profile_shape(self, name, profile_index):
+        assert isinstance(name, str) and isinstance(profile_index, int)  # (name, profile_index)
+        self.profile_queries.append((name, profile_index))
+        return list(self.profiles[profile_index].get(name, (self.static[name],) * 3))
+
+    def create_execution_context(self):
+        if self.no_context:
+            return None
+        self.contexts.append(FakeContext(self))
+        return self.contexts[-1]
+
+
+def fake_tensorrt(version="10.9.0.34", **engine_options):
+    trt = types.SimpleNamespace(__version__=version, ILogger=FakeILogger, TensorIOMode=_io_mode(),
+                                builtin_plugin_inits=[], engines=[])
+    cudart = FakeCudaRuntime()
+
+    def init_libnvinfer_plugins(logger, namespace):
+        trt.builtin_plugin_inits.append((_logger_ok(logger), namespace))
+        return True
+
+    class Runtime:
+        def __init__(self, logger):
+            self.logger = _logger_ok(logger)
+
+        def deserialize_cuda_engine(self, serialized_engine):
+            if serialized_engine != b"plan":
+                self.logger.log(FakeILogger.Severity.ERROR, "Serialization assertion failed: magic tag")
+                return None
+            trt.engines.append(FakeEngine(trt, cudart, **engine_options))
+            return trt.engines[-1]
+
+    trt.init_libnvinfer_plugins, trt.Runtime = init_libnvinfer_plugins, Runtime
+    return trt, cudart
+
+
+@pytest.fixture
+def fake_gpu(monkeypatch, tmp_path):
+    """TrtRunner over the fakes; returns make(**engine_options) -> (runner, trt, cudart)."""
+    monkeypatch.setattr(trt_rt, "_builtin_plugins_logger", None)
+    engine_path = tmp_path / "model.engine"
+    sidecar = {"io": {"inputs": [{"name": "x", "dtype": "float32", "shape": ["batch", 4]},
+                                 {"name": "scale", "dtype": "float32", "shape": [4]}],
+                      "outputs": [{"name": "y", "dtype": "float32", "shape": ["batch", 4]}]}}
+
+    def make(data=b"plan", device="cuda:1", **options):
+        trt, cudart = fake_tensorrt(**options)
+        monkeypatch.setattr(trt_rt, "import_tensorrt", lambda: trt)
+        monkeypatch.setattr(trt_rt, "import_cudart", lambda: cudart)
+        monkeypatch.setattr(trt_rt, "load_engine", lambda *a, **k: ec.LoadedEngine(engine_path, data, sidecar, False))
+        return trt_rt.TrtRunner(engine_path, device=device), trt, cudart
+
+    return make
+
+
+SCALE = np.array([1, 2, 3, 4], np.float32)
+
+
+def _rows(batch):
+    return {"x": np.arange(batch * 4, dtype=np.float32).reshape(batch, 4), "scale": SCALE}
+
+
+def test_trt_runner_moves_data_through_the_tensor_api(fake_gpu):
+    runner, trt, cudart = fake_gpu()
+    engine = trt.engines[0]
+    assert runner.input_names == ["x", "scale"] and runner.output_names == ["y"]
+    assert runner.inputs[0].shape == ("batch", 4)  # named axes from the sidecar
+    assert trt.builtin_plugin_inits == [(trt.builtin_plugin_inits[0][0], "")]  # before deserialising
+    assert engine.profile_queries == [("x", 0), ("x", 1)]  # the dynamic input's profiles only
+    context = engine.contexts[0]
+    for batch in (3, 9, 2):  # profile 0, then 1, then 0 again
+        cudart.calls.clear()
+        y = runner.run(_rows(batch))["y"]
+        np.testing.assert_array_equal(y, _rows(batch)["x"] * SCALE + 1)
+        assert cudart.calls[0] == ("cudaSetDevice", 1)  # the runner's device, in the calling thread
+        copies = [c for c in cudart.calls if c[0] == "cudaMemcpyAsync"]
+        assert copies == [("cudaMemcpyAsync", "H2D", batch * 16), ("cudaMemcpyAsync", "H2D", 16),
+                          ("cudaMemcpyAsync", "D2H", batch * 16)]
+        assert cudart.calls[-1] == ("cudaStreamSynchronize",)
+    # the buffers were sized for the largest profile: 16 rows, allocated once
+    assert len(cudart.device_addrs) == 3 and context.profile_calls == [1, 0, 1, 0]
+    with pytest.raises(InputError, match="x axis 0 is 17, the profile allows 5..16"):
+        runner.run(_rows(17))
+
+
+def test_a_profile_that_cannot_be_selected_is_a_tensorrt_error(fake_gpu):
+    # the binding raises RuntimeError where the C++ API returns false
+    with pytest.raises(TensorRTError, match="TensorRT cannot switch to profile 1"):
+        fake_gpu(refused_profiles=(1,))
+
+
+def test_engines_that_do_not_load_or_get_no_context_say_so(fake_gpu):
+    with pytest.raises(TensorRTError, match="could not deserialize .*model.engine: Serialization assertion failed"):
+        fake_gpu(data=b"not a plan")
+    with pytest.raises(TensorRTError, match="could not create an execution context"):
+        fake_gpu(no_context=True)
+
+
+def test_cuda_graphs_are_captured_after_a_plain_enqueue_and_replayed_only_for_unchanged_shapes(fake_gpu):
+    runner, trt, cudart = fake_gpu()
+    runner.cuda_graph = True
+    context = trt.engines[0].contexts[0]
+    launches = []
+    for batch in (2, 2, 2, 5, 5, 2, 2):
+        before = len([c for c in cudart.calls if c[0] == "cudaGraphLaunch"])
+        y = runner.run(_rows(batch))["y"]
+        np.testing.assert_array_equal(y, _rows(batch)["x"] * SCALE + 1)  # NaN: a replay on stale state
+        launches.append(len([c for c in cudart.calls if c[0] == "cudaGraphLaunch"]) - before)
+    # captured once per shape set after its plain enqueue; a change of shapes enqueues plainly again
+    assert launches == [0, 1, 1, 0, 1, 0, 1]
+    assert [c for c in cudart.calls if c[0] == "cudaStreamBeginCapture"] == [
+        ("cudaStreamBeginCapture", cudart.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal)] * 2
+    assert len(runner._graphs) == 2
+    calls_before_close = len(cudart.calls)
+    runner.close()
+    closing = [c[0] for c in cudart.calls[calls_before_close:]]
+    assert closing[:2] == ["cudaSetDevice", "cudaStreamSynchronize"]
+    assert closing.count("cudaGraphExecDestroy") == 2 and closing.count("cudaGraphDestroy") == 2
+    assert closing.index("cudaGraphDestroy") < closing.index("cudaFree") < closing.index("cudaStreamDestroy")
+    assert not cudart.device_addrs and not cudart.host_addrs
+    assert not hasattr(runner, "_context") and context.enqueues == 3  # the calls with launches == 0
+
+
+def test_a_failed_capture_falls_back_to_plain_execution(fake_gpu):
+    runner, trt, cudart = fake_gpu(fail_capture=True)
+    runner.cuda_graph = True
+    with pytest.warns(UserWarning, match="CUDA graph capture failed .*execute_async_v3 failed while capturing"):
+        y = runner.run(_rows(2))["y"]
+    np.testing.assert_array_equal(y, _rows(2)["x"] * SCALE + 1)
+    assert ("cudaGetLastError",) in cudart.calls and ("cudaGraphDestroy",) in cudart.calls
+    runner.run(_rows(2))  # no second capture for these shapes
+    assert len([c for c in cudart.calls if c[0] == "cudaStreamBeginCapture"]) == 1 and not runner._graphs
+
+
+class FakeNetwork:
+    def __init__(self, inputs):
+        self.inputs = [types.SimpleNamespace(name=n, shape=s) for n, s in inputs.items()]
+
+    @property
+    def num_inputs(self):
+        return len(self.inputs)
+
+    def get_input(self, index):
+        return self.inputs[index]
+
+
+def fake_builder_tensorrt(version="10.9.0.34", *, serialized=b"built plan", parse_ok=True, timing_cache_none=False):
+    """A TensorRT with the builder side: records what build_engine asks of it."""
+    rec = {"network_flags": [], "set_flags": [], "clear_flags": [], "pool": [], "opt_level": None,
+           "profiles": [], "timing_caches": [], "set_timing_cache": [], "builtin_plugin_inits": [], "parsed": []}
+    major = int(version.split(".")[0])
+    flags = ["TF32", "DEBUG"] + (["FP16", "INT8", "BF16"] if major < 11 else [])
+    trt = types.SimpleNamespace(
+        __version__=version, ILogger=FakeILogger, rec=rec,
+        NetworkDefinitionCreationFlag=types.SimpleNamespace(STRONGLY_TYPED=1, PREFER_AOT_PYTHON_PLUGINS=2),
+        BuilderFlag=types.SimpleNamespace(**{f: f for f in flags}),
+        MemoryPoolType=types.SimpleNamespace(WORKSPACE="WORKSPACE"))
+
+    class TimingCache:
+        def __init__(self, data):
+            self.data = data
+
+        def serialize(self):
+            return memoryview(b"timings")
+
+    class Config:
+        def set_flag(self, flag):
+            rec["set_flags"].append(flag)
+
+        def clear_flag(self, flag):
+            rec["clear_flags"].append(flag)
+
+        def set_memory_pool_limit(self, pool, pool_size):
+            rec["pool"].append((pool, pool_size))
+
+        @property
+        def builder_optimization_level(self):
+            return rec["opt_level"]
+
+        @builder_optimization_level.setter
+        def builder_optimization_level(self, level):
+            rec["opt_level"] = level
+
+        def add_optimization_profile(self, profile):
+            rec["profiles"].append(profile.shapes)
+            return 0
+
+        def create_timing_cache(self, serialized_timing_cache):
+            rec["timing_caches"].append(bytes(serialized_timing_cache))
+            if timing_cache_none and serialized_timing_cache:
+                return None
+            self.cache = TimingCache(serialized_timing_cache)
+            return self.cache
+
+        def set_timing_cache(self, cache, ignore_mismatch):
+            rec["set_timing_cache"].append((cache.data, ignore_mismatch))
+            return True
+
+        def get_timing_cache(self):
+            return self.cache
+
+    class Profile:
+        def __init__(self):
+            self.shapes = {}
+
+        def set_shape(self, input, min, opt, max):  # noqa: A002 (the binding's argument names)
+            self.shapes[input] = (tuple(min), tuple(opt), tuple(max))
+
+    class Parser:
+        def __init__(self, network, logger):
+            self.network, self.logger = network, _logger_ok(logger)
+            self.errors = [] if parse_ok else [FakeParserError(3, "/head/NonMaxSuppression", "NonMaxSuppression",
+                                                               "No importer registered for op: NonMaxSuppression")]
+
+        def parse_from_file(self, model):
+            rec["parsed"].append(model)
+            return parse_ok
+
+        @property
+        def num_errors(self):
+            return len(self.errors)
+
+        def get_error(self, index):
+            return self.errors[index]
+
+    class Builder:
+        def __init__(self, logger):
+            self.logger = _logger_ok(logger)
+
+        def create_network(self, flags=0):
+            rec["network_flags"].append(flags)
+            return FakeNetwork({"x": (-1, 4)})
+
+        def create_builder_config(self):
+            return Config()
+
+        def create_optimization_profile(self):
+            return Profile()
+
+        def build_serialized_network(self, network, config):
+            if serialized is None:
+                self.logger.log(FakeILogger.Severity.ERROR, "Error Code 4: Internal Error (out of memory)")
+            return serialized
+
+    def init_libnvinfer_plugins(logger, namespace):
+        rec["builtin_plugin_inits"].append((_logger_ok(logger), namespace))
+        return True
+
+    trt.OnnxParser, trt.Builder, trt.init_libnvinfer_plugins = Parser, Builder, init_libnvinfer_plugins
+    return trt
+
+
+@pytest.fixture
+def fake_builder(monkeypatch, tmp_path):
+    """build_engine over a fake TensorRT; returns build(trt, **options) -> engine path."""
+    monkeypatch.setattr(trt_rt, "_builtin_plugins_logger", None)
+    monkeypatch.setattr(trt_rt, "import_cudart", lambda: None)
+    monkeypatch.setattr(trt_rt, "gpu_info", lambda cudart, device: trt_rt.GpuInfo("NVIDIA L4", "8.9", 8 << 30, 24 << 30))
+    onnx_path = write_tiny_onnx(tmp_path / "export" / "model.onnx")
+
+    def build(trt, **options):
+        monkeypatch.setattr(trt_rt, "import_tensorrt", lambda: trt)
+        return trt_rt.build_engine(onnx_path, **options)
+
+    return build
+
+
+def test_build_engine_on_tensorrt_10_sets_what_the_plan_says(fake_builder, tmp_path):
+    trt = fake_builder_tensorrt()
+    cache = tmp_path / "timing.cache"
+    engine = fake_builder(trt, precision="fp16", workspace=1 << 30, timing_cache=cache, builder_optimization_level=4)
+    rec = trt.rec
+    assert rec["network_flags"] == [0]  # weakly typed: no flag (EXPLICIT_BATCH is implied and deprecated in 10)
+    assert rec["set_flags"] == ["FP16"] and rec["clear_flags"] == []
+    assert rec["pool"] == [("WORKSPACE", 1 << 30)] and rec["opt_level"] == 4
+    assert rec["profiles"] == [PROFILES]  # the dynamic input's (min, opt, max)
+    assert [ns for _, ns in rec["builtin_plugin_inits"]] == [""]
+    assert rec["timing_caches"] == [b""] and rec["set_timing_cache"] == [(b"", False)]  # a new cache
+    assert cache.read_bytes() == b"timings" and engine.read_bytes() == b"built plan"
+    sidecar = ec.read_sidecar(engine)
+    assert sidecar["tensorrt"] == "10.9.0.34" and sidecar["gpu"] == {"name": "NVIDIA L4", "compute_capability": "8.9"}
+    assert sidecar["build"]["set_flags"] == ["FP16"] and sidecar["precision"] == "fp16"
+
+
+def test_build_engine_strongly_typed_on_10_and_always_on_11(fake_builder):
+    trt = fake_builder_tensorrt()
+    fake_builder(trt, precision="onnx")
+    assert trt.rec["network_flags"] == [1 << 1]  # 1 << int(NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+    assert trt.rec["clear_flags"] == ["TF32"] and trt.rec["set_flags"] == []
+    trt11 = fake_builder_tensorrt("11.1.0.7")
+    fake_builder(trt11)
+    assert trt11.rec["network_flags"] == [0] and trt11.rec["clear_flags"] == ["TF32"]
+    with pytest.raises(PrecisionError, match="strongly typed networks only"):
+        fake_builder(fake_builder_tensorrt("11.1.0.7"), precision="fp16")
+
+
+def test_build_engine_failures_are_reported(fake_builder):
+    with pytest.raises(trt_rt.EngineBuildError, match=r"could not build an engine .*Error Code 4: Internal Error"):
+        fake_builder(fake_builder_tensorrt(serialized=None))
+    with pytest.raises(ParserError, match="node /head/NonMaxSuppression \\(NonMaxSuppression\\): No importer"):
+        fake_builder(fake_builder_tensorrt(parse_ok=False))
+
+
+def test_an_unreadable_timing_cache_is_replaced(fake_builder, tmp_path):
+    cache = tmp_path / "timing.cache"
+    cache.write_bytes(b"from another TensorRT")
+    trt = fake_builder_tensorrt(timing_cache_none=True)
+    with pytest.warns(UserWarning, match="starting a new timing cache"):
+        fake_builder(trt, timing_cache=cache)
+    assert trt.rec["timing_caches"] == [b"from another TensorRT", b""]
+    assert cache.read_bytes() == b"timings"
+
+
+def test_a_plugin_library_that_does_not_load_is_warned_about(monkeypatch, tmp_path):
+    monkeypatch.setattr(trt_rt, "_loaded_libraries", set())
+    lib = tmp_path / "libplugins.so"
+    lib.write_bytes(b"\x7fELF")
+    handles = iter([None])
+    registry = types.SimpleNamespace(load_library=lambda path: next(handles, None))
+    trt = types.SimpleNamespace(get_plugin_registry=lambda: registry)
+    with pytest.warns(UserWarning, match="TensorRT did not load plugin library .*libplugins.so"):
+        trt_rt.register_plugins(trt, [str(lib)])
+    handles = iter(["handle"])  # loaded once; a second load returns None as documented: no warning
+    trt_rt.register_plugins(trt, [str(lib)])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        trt_rt.register_plugins(trt, [str(lib)])
 
 
 # ---- without TensorRT ---------------------------------------------------------------------------------

@@ -54,8 +54,11 @@ def provider_options(
 
     Option names and value formats: ONNX Runtime's TensorRT and CUDA execution provider
     documentation (onnxruntime.ai/docs/execution-providers/TensorRT-ExecutionProvider.html,
-    CUDA-ExecutionProvider.html); booleans are "True"/"False" (ORT parses 0/1/true/false/
-    True/False), profile shapes "name:1x3x224x224,name2:...".
+    CUDA-ExecutionProvider.html) and sources (tensorrt_execution_provider_info.cc,
+    cuda_execution_provider_info.cc); every value is a string. The TensorRT provider's
+    Python binding takes booleans as "True"/"true"/"False"/"false" only (it refuses
+    "1"/"0"); the CUDA provider's use_tf32 parses "0"/"1" too (parse_string.h).
+    Profile shapes: "name:1x3x224x224,name2:...", given for every dynamic input.
     """
     if device not in _PROVIDERS:
         raise BackendUnavailableError(

@@ -23,19 +23,25 @@ python/src at v10.2 ... v11.1; cuda-python's runtime module):
   `create_timing_cache(bytes)`, `set_timing_cache(cache, ignore_mismatch)`,
   `get_timing_cache().serialize()`, `create_optimization_profile().set_shape(name, min,
   opt, max)`, `add_optimization_profile`, `build_serialized_network`.
-- Plugins: `get_plugin_registry()`, `.load_library(path)`, `.all_creators` (10.0+) with
-  `name`, `plugin_version`, `plugin_namespace`.
-- Runtime (the tensor API of 10.x and 11): `Runtime.deserialize_cuda_engine`,
-  `num_io_tensors`, `get_tensor_name`, `get_tensor_mode`, `get_tensor_dtype`,
-  `get_tensor_shape`, `get_tensor_profile_shape`, `is_shape_inference_io`,
-  `num_optimization_profiles`, `create_execution_context`, `set_input_shape`,
-  `set_tensor_address`, `set_optimization_profile_async`, `execute_async_v3`.
+- Plugins: `get_plugin_registry()`, `.load_library(path)` (None when it fails),
+  `.all_creators` (10.0+) with `name`, `plugin_version`, `plugin_namespace`;
+  `init_libnvinfer_plugins(logger, "")` for TensorRT's own plugins (the ONNX parser
+  imports some ops, RoiAlign among them, as those; the parser does not register them).
+- Runtime (the tensor API of 10.x and 11): `Runtime.deserialize_cuda_engine` (None on
+  failure), `num_io_tensors`, `get_tensor_name`, `get_tensor_mode`, `get_tensor_dtype`,
+  `get_tensor_shape`, `get_tensor_profile_shape(name, profile_index)`,
+  `is_shape_inference_io`, `num_optimization_profiles`, `create_execution_context`,
+  `set_input_shape`, `set_tensor_address`, `execute_async_v3(stream_handle)`, and
+  `set_optimization_profile_async(index, stream_handle)`, which raises RuntimeError
+  rather than returning False (python/src/infer/pyCore.cpp, 10.x and 11).
 - cuda-python (`cuda.bindings.runtime` from 12.6; `cuda.cudart` before, removed in 13.0):
-  every call returns (error, *results); `cudaSetDevice`, `cudaGetDeviceProperties`,
-  `cudaMemGetInfo`, `cudaMalloc`, `cudaMallocHost`, `cudaMemcpyAsync`, `cudaStreamCreate`,
-  `cudaStreamSynchronize`, `cudaStreamBeginCapture`, `cudaStreamEndCapture`,
-  `cudaGraphInstantiateWithFlags` (CUDA >= 11.4, one signature across cuda-python 11-13),
-  `cudaGraphLaunch`.
+  every call returns (error, *results); `cudaSetDevice`, `cudaGetDeviceProperties`
+  (`name` bytes, `major`, `minor`), `cudaMemGetInfo` -> (free, total), `cudaMalloc`,
+  `cudaMallocHost` (int pointers), `cudaMemcpyAsync(dst, src, count, kind, stream)`,
+  `cudaStreamCreate`, `cudaStreamSynchronize`, `cudaStreamBeginCapture(stream, mode)`,
+  `cudaStreamEndCapture`, `cudaGraphInstantiateWithFlags(graph, flags)` (the same in
+  cuda-bindings 12.9 and 13.x; `cudaGraphInstantiate` took other arguments before CUDA
+  12), `cudaGraphLaunch(exec, stream)`, `cudaGetLastError`.
 None of this has run on a GPU yet (docs/tensorrt.md).
 """
 
@@ -497,14 +503,35 @@ def register_plugins(trt, plugins: Sequence[str]) -> tuple[dict[str, str], list[
         path = Path(item)
         if not path.is_file():
             raise PluginError(f"plugin {item!r} is neither 'attnserve' nor a plugin library file")
-        # load_library returns None when a plugin of the library is registered already
-        # (documented); then it was loaded before, which is what we need.
-        trt.get_plugin_registry().load_library(str(path))
+        # load_library returns None when it fails, which it documents for a library whose
+        # plugins are registered already: expected after our own first load of it.
+        key = str(path.resolve())
+        if trt.get_plugin_registry().load_library(str(path)) is not None:
+            _loaded_libraries.add(key)
+        elif key not in _loaded_libraries:
+            warnings.warn(f"TensorRT did not load plugin library {path} (not a plugin library, missing "
+                          "dependencies, or its plugins are registered already)", stacklevel=3)
         versions[f"library:{path.name}"] = cache.file_sha256(path)[:16]
     return versions, list(plugins)
 
 
 _registered_attnserve = False
+_loaded_libraries: set[str] = set()
+_builtin_plugins_logger = None
+
+
+def init_builtin_plugins(trt) -> None:
+    """TensorRT's own plugin library (libnvinfer_plugin), registered once per process
+    before parsing or deserialising: `trt.init_libnvinfer_plugins(logger, "")`. The
+    logger is kept for the life of the process, as the plugins log through it."""
+    global _builtin_plugins_logger
+    if _builtin_plugins_logger is not None:
+        return
+    logger = _make_logger(trt)
+    if not trt.init_libnvinfer_plugins(logger, ""):
+        warnings.warn(f"TensorRT's plugin library did not register ({logger.last()}); models that "
+                      "need its plugins will not parse or load", stacklevel=3)
+    _builtin_plugins_logger = logger
 
 
 def plugins_to_register(plugins: Sequence[str], custom_ops: bool) -> list[str]:
@@ -703,6 +730,7 @@ def build_engine(
     custom_ops = _has_attnserve_nodes(onnx_path)
     wanted = plugins_to_register(plugins, custom_ops)
     versions, sources = register_plugins(trt, wanted)  # before parsing: the parser looks creators up
+    init_builtin_plugins(trt)
 
     logger = _make_logger(trt)
     builder = trt.Builder(logger)
@@ -761,8 +789,8 @@ def build_engine(
 
 def _attach_timing_cache(config, path: Path) -> None:
     data = path.read_bytes() if path.is_file() else b""
-    timing = config.create_timing_cache(data)
-    if not config.set_timing_cache(timing, False):
+    timing = config.create_timing_cache(data)  # b"": a new cache (documented)
+    if timing is None or not config.set_timing_cache(timing, False):
         # Recorded on another GPU or TensorRT (its header is checked): start afresh; the
         # file is overwritten after the build.
         warnings.warn(f"{path} was recorded on another GPU or TensorRT; starting a new timing cache",
@@ -950,11 +978,13 @@ class TrtRunner(Runner):
         self._buffers: dict[str, _Buffer] = {}
         self._graphs: dict[tuple, tuple] = {}
         self._no_graph: set[tuple] = set()
+        self._last_key: tuple | None = None  # the profile and shapes of the last enqueueV3
         self._stream = None
         loaded = load_engine(engine_path, onnx_path, rebuild=rebuild, device=self.device, **build_options)
         self.engine_path, self.sidecar, self.rebuilt = loaded.path, loaded.sidecar, loaded.rebuilt
         self.cuda_graph = cuda_graph
         self._logger = _make_logger(trt)
+        init_builtin_plugins(trt)  # an engine holding TensorRT's own plugins needs their creators
         self._runtime = trt.Runtime(self._logger)
         self._engine = self._runtime.deserialize_cuda_engine(loaded.data)
         if self._engine is None:
@@ -972,10 +1002,17 @@ class TrtRunner(Runner):
         io = self.sidecar.get("io") or {}
         super().__init__(io_specs(inputs, self._dtypes, shapes, io.get("inputs") or []),
                          io_specs(outputs, self._dtypes, shapes, io.get("outputs") or []))
-        self._profiles = [{n: tuple(tuple(s) for s in engine.get_tensor_profile_shape(n, p)) for n in inputs}
-                          for p in range(engine.num_optimization_profiles)]
+        # Ranges of the dynamic inputs only: a static input's size is checked by validate(),
+        # and tuple() of the Dims{-1} that getProfileShape returns for a name it does not
+        # take would raise.
+        dynamic = [n for n in inputs if any(d < 0 for d in shapes[n])]
+        self._profiles = [{n: tuple(tuple(s) for s in engine.get_tensor_profile_shape(n, p)) for n in dynamic}
+                          for p in range(engine.num_optimization_profiles)] if dynamic else []
         try:
             self._context = engine.create_execution_context()
+            if self._context is None:
+                raise TensorRTError(f"TensorRT could not create an execution context for {self.engine_path} "
+                                    f"(GPU memory?): {self._logger.last()}")
             self._stream = cuda_check(cudart.cudaStreamCreate(), "cudaStreamCreate")
             self._handle = _stream_handle(self._stream)
             self._profile = 0
@@ -1011,7 +1048,11 @@ class TrtRunner(Runner):
 
     def _set_profile(self, index: int) -> None:
         if index != self._profile:  # a new context starts on profile 0
-            if not self._context.set_optimization_profile_async(index, self._handle):
+            try:  # the binding raises RuntimeError where the C++ API returns false
+                switched = self._context.set_optimization_profile_async(index, self._handle)
+            except RuntimeError:
+                switched = False
+            if not switched:
                 raise TensorRTError(f"TensorRT cannot switch to profile {index}: {self._logger.last()}")
             cuda_check(self._cudart.cudaStreamSynchronize(self._stream), "cudaStreamSynchronize")
             self._profile, self._shapes = index, {}
@@ -1037,6 +1078,9 @@ class TrtRunner(Runner):
 
     def _run(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         cudart, kinds = self._cudart, self._cudart.cudaMemcpyKind
+        # The current device is per host thread; a caller's thread may not be the one
+        # that built this runner.
+        cuda_check(cudart.cudaSetDevice(self.device), "cudaSetDevice")
         self._set_profile(select_profile(self._profiles, {n: a.shape for n, a in feed.items()}))
         for name, value in feed.items():
             self._set_shape(name, value.shape)
@@ -1066,20 +1110,23 @@ class TrtRunner(Runner):
             raise TensorRTError(f"TensorRT failed to run {self.engine_path}: {self._logger.last()}")
 
     def _execute(self, key: tuple) -> None:
-        if not self.cuda_graph or key in self._no_graph:
-            return self._enqueue()
-        graph = self._graphs.get(key)
-        if graph is not None:
+        graph = self._graphs.get(key) if self.cuda_graph else None
+        if graph is not None and key == self._last_key:
             cuda_check(self._cudart.cudaGraphLaunch(graph[1], self._stream), "cudaGraphLaunch")
             return
-        # TensorRT's guide: enqueue once after a shape change before capturing, so that
-        # its deferred shape-dependent work runs outside the graph. This call's results
-        # come from that plain run; the next call with these shapes replays the graph.
+        # TensorRT defers work that depends on the input shapes and profile to the first
+        # enqueueV3 after they change, and its guide has that enqueue run before a capture;
+        # a graph replay would skip it. So every change of shapes or profile runs plainly
+        # (this call's results), and only an unchanged one replays a graph.
         self._enqueue()
+        self._last_key = key
+        if not self.cuda_graph or graph is not None or key in self._no_graph:
+            return
         try:
             self._graphs[key] = self._capture()
         except TensorRTError as e:
             self._no_graph.add(key)
+            self._cudart.cudaGetLastError()  # clear the capture's error, as trtexec does
             warnings.warn(f"CUDA graph capture failed ({e}); running these shapes without a graph",
                           stacklevel=3)
             return
@@ -1088,7 +1135,9 @@ class TrtRunner(Runner):
 
     def _capture(self) -> tuple:
         cudart = self._cudart
-        mode = cudart.cudaStreamCaptureMode.cudaStreamCaptureModeGlobal
+        # Thread-local, as trtexec captures: global mode would prohibit other threads'
+        # unsafe CUDA calls (another runner's cudaMalloc) while this one captures.
+        mode = cudart.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal
         cuda_check(cudart.cudaStreamBeginCapture(self._stream, mode), "cudaStreamBeginCapture")
         ok = False
         try:
@@ -1114,9 +1163,11 @@ class TrtRunner(Runner):
             self._destroy_graph(graph)
         self._graphs.clear()
         self._no_graph.clear()
+        self._last_key = None  # new addresses: enqueue plainly before the next capture
 
     def _close(self) -> None:
         if self._stream is not None:
+            self._cudart.cudaSetDevice(self.device)
             self._cudart.cudaStreamSynchronize(self._stream)
         self._drop_graphs()
         for buf in self._buffers.values():
