@@ -318,17 +318,64 @@ def test_signatures_follow_tensorrt_plugin_rules():
         for name in spec.attribute_names:
             annotation = reg.parameters[name].annotation
             assert aot.parameters[name].annotation == annotation  # tensorrt.plugin checks equality
-            if kinds[name] == "ints":
+            if kinds[name] == "str":
+                assert annotation is str
+            else:  # INT and FLOAT too: one-element arrays (see test_attribute_fields_*)
                 assert typing.get_origin(annotation) is np.ndarray
-                assert typing.get_args(typing.get_args(annotation)[1]) == (np.int32,)
-            else:
-                assert annotation is {"str": str, "int": int, "float": float}[kinds[name]]
+                want = {"ints": np.int32, "int": np.int32, "float": np.float32}[kinds[name]]
+                assert typing.get_args(typing.get_args(annotation)[1]) == (want,)
         assert reg.return_annotation is _TensorDesc
         assert typing.get_args(tune.parameters["outputs"].annotation) == (_TensorDesc,)
         assert aot.parameters["tactic"].annotation is int
         name, ptx, launch, extra = typing.get_args(aot.return_annotation)
         assert set(typing.get_args(name)) == set(typing.get_args(ptx)) == {str, bytes}
         assert launch is _KernelLaunchParams and issubclass(extra, _SymExprs)
+
+
+# What onnx-tensorrt's loadFields (FallbackPluginImporter, 10.1 to the 10.14+ parser)
+# makes of each ONNX attribute type: (PluginFieldType, numpy dtype of PluginField.data,
+# which the bindings return as a 1-D array of `length` values, pyPlugin.cpp).
+_PARSER_FIELDS = {"ints": ("INT32", np.int32), "int": ("INT32", np.int32), "float": ("FLOAT32", np.float32),
+                  "str": ("CHAR", np.int8)}
+# The field type tensorrt.plugin declares for an annotation (_utils.py
+# _numpy_to_plugin_field_type / _built_in_to_plugin_field_type; str is CHAR).
+_DECLARED_FIELD = {np.int32: "INT32", np.float32: "FLOAT32", int: "INT64", float: "FLOAT64", str: "CHAR"}
+
+
+def _field_data(kind, value):
+    """PluginField.data as the parser fills it for an ONNX attribute of `kind`."""
+    if kind == "str":  # copyField(std::string): the bytes and a terminating NUL
+        return np.frombuffer(value.encode() + b"\x00", np.int8)
+    return np.asarray(value if kind == "ints" else [value], dtype=_PARSER_FIELDS[kind][1])
+
+
+def _create_plugin_value(annotation, data):
+    """tensorrt.plugin _TemplatePluginCreator.create_plugin's conversion of one field
+    (10.9 to 11.1, unchanged): NDArray annotations astype, str decodes, others call the
+    annotation on the 1-D array."""
+    if typing.get_origin(annotation) is np.ndarray:
+        return data.astype(typing.get_args(typing.get_args(annotation)[1])[0])
+    if annotation is str:
+        return data.tobytes().decode("utf-8")
+    return annotation(data)
+
+
+@pytest.mark.parametrize("op", list(PLUGINS))
+def test_attribute_fields_from_the_parser_become_the_node_values(op):
+    # The declared field types match what the parser hands over, and tensorrt.plugin's
+    # conversion of those fields (with this numpy) gives back the node's values.
+    attrs = {"WindowAttention": _window_attrs([4, 4], shift=[2, 2], causal=1),
+             "GridSampler": _sample_attrs("nearest", "reflection", 1),
+             "AffineGridSampler": _sample_attrs(out_size=[5, 6], align_corners=1)}[op]
+    kinds = dict(PLUGINS[op].attributes)
+    fields = {}
+    for name, kind in kinds.items():
+        annotation = trt_plugins.ANNOTATIONS[kind]
+        declared = (typing.get_args(typing.get_args(annotation)[1])[0]
+                    if typing.get_origin(annotation) is np.ndarray else annotation)
+        assert _DECLARED_FIELD[declared] == _PARSER_FIELDS[kind][0], (name, kind)
+        fields[name] = _create_plugin_value(annotation, _field_data(kind, attrs[name]))
+    assert shapes.normalize_attrs(op, fields) == shapes.normalize_attrs(op, attrs)
 
 
 @pytest.mark.skipif(HAS_TENSORRT, reason="checks the message when TensorRT is absent")
@@ -483,7 +530,14 @@ _PTX_SCRIPT = textwrap.dedent("""
     from triton.backends.nvidia.compiler import get_ptxas  # triton 3.9: the bundled ptxas per arch
     from attnserve.plugins import aot
     index = aot.write_ptx(sys.argv[1], targets=[int(t) for t in sys.argv[2].split(",")])
-    print(json.dumps({"index": index, "ptxas": {cc: get_ptxas(cc).path for cc in (80, 90)}}))
+    # what an aot_impl on a Blackwell GPU compiles: the default PTX version for the target
+    c = aot.CONFIGS[-1]
+    p = c.plan()
+    newer = {cc: aot.compile_ptx(c.op, cc, dtype=c.dtype, num_warps=p.num_warps, **p.constexprs)
+             for cc in (100, 120)}
+    newer = {cc: dict(ptx=k.ptx, entry=k.name, ptx_version=k.ptx_version, params=[t for t, _ in k.params()],
+                      want=aot.kernel_params(c.op).ptx_types()) for cc, k in newer.items()}
+    print(json.dumps({"index": index, "ptxas": {cc: get_ptxas(cc).path for cc in (80, 90)}, "newer": newer}))
 """)
 
 
@@ -541,6 +595,25 @@ def test_ptx_for_each_target_takes_what_tensorrt_passes(ptx_dir, config, cc, tmp
     done = subprocess.run([ptxas, f"-arch={arch}", str(out / entry["file"]), "-o", str(tmp_path / "k.cubin")],
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
+
+
+@pytest.mark.parametrize("cc,version", [(100, "8.6"), (120, "8.7")])
+def test_ptx_for_blackwell_uses_an_isa_the_target_takes(ptx_dir, cc, version):
+    # With PTX 8.0 Triton's LLVM aborts the process for these targets (no exception), so
+    # the aot_impl on such a GPU would take the engine build down with it.
+    _, result = ptx_dir
+    k = result["newer"][str(cc)]
+    lines = k["ptx"].splitlines()
+    assert f".target sm_{cc}a" in lines and f".version {version}" in lines
+    assert k["ptx_version"] == int(version.replace(".", ""))
+    assert _ptx_param_types(k["ptx"], k["entry"]) == k["params"] == k["want"]
+
+
+def test_compile_ptx_refuses_an_isa_too_old_for_the_target():
+    assert [plugin_aot.ptx_version_for(cc) for cc in (80, 87, 89, 90)] == [80] * 4
+    p = plugin_aot.CONFIGS[-1].plan()
+    with pytest.raises(AttnserveError, match=r"sm_120 needs PTX ISA 8.7 or newer, got 8.0"):
+        plugin_aot.compile_ptx("AffineGridSampler", 120, ptx_version=80, num_warps=p.num_warps, **p.constexprs)
 
 
 def _ptx_param_types(ptx: str, entry: str) -> list[str]:

@@ -50,10 +50,23 @@ TARGETS = (80, 87, 89, 90)
 # up to the ISA version of its CUDA release, so older is more portable (JetPack 6 has
 # CUDA 12.2, TensorRT 10.9+ needs CUDA 12).
 DEFAULT_PTX_VERSION = 80
+# The oldest ISA newer targets take, from the LLVM in Triton 3.9, which aborts the whole
+# process (no exception) on a lower one: "PTX version 8.0 does not support target
+# 'sm_120a'. Minimum required PTX version is 8.7". sm_101 is sm_110 from CUDA 13 on.
+MIN_PTX_VERSION = {100: 86, 101: 86, 103: 88, 110: 90, 120: 87, 121: 88}
 # Triton's default on the JIT path in 3.9 (the launchers' kernels were tested so);
 # passed explicitly so the PTX does not depend on TRITON_DEFAULT_FP_FUSION.
 FP_FUSION = True
 DTYPES = ("fp32", "fp16")
+
+
+def ptx_version_for(cc: int) -> int | None:
+    """The PTX ISA to write for compute capability cc: DEFAULT_PTX_VERSION, or the oldest
+    the target takes; None (Triton's default, its ptxas's ISA) for a target newer than
+    MIN_PTX_VERSION knows."""
+    if cc > max(MIN_PTX_VERSION):
+        return None
+    return max(DEFAULT_PTX_VERSION, MIN_PTX_VERSION.get(cc, 0))
 
 
 # ------------------------------------------------------------------- wrapper kernels
@@ -154,7 +167,7 @@ class CompiledPtx:
     num_warps: int
     shared: int  # bytes of dynamic shared memory per program
     constexprs: dict[str, Any]
-    ptx_version: int
+    ptx_version: int  # as Triton writes it, 80 = 8.0; read from the PTX's .version
 
     @property
     def block_x(self) -> int:
@@ -173,7 +186,7 @@ def signature(op: str, dtype: str) -> dict[str, str]:
             **{n: f"*{dtype}" for n in p.outputs}}
 
 
-def compile_ptx(op: str, cc: int, *, dtype: str = "fp32", ptx_version: int = DEFAULT_PTX_VERSION,
+def compile_ptx(op: str, cc: int, *, dtype: str = "fp32", ptx_version: int | None = None,
                 num_warps: int = 4, **constexprs: Any) -> CompiledPtx:
     """Compile op's wrapper kernel to PTX for compute capability `cc` (80 for sm_80, ...),
     on any machine. Results are cached per process.
@@ -182,15 +195,23 @@ def compile_ptx(op: str, cc: int, *, dtype: str = "fp32", ptx_version: int = DEF
         op: plugin name ("WindowAttention", "GridSampler", "AffineGridSampler").
         cc: compute capability as an int.
         dtype: element type of every tensor, "fp32" or "fp16".
-        ptx_version: PTX ISA version as Triton writes it (80 = 8.0).
+        ptx_version: PTX ISA version as Triton writes it (80 = 8.0); default
+            `ptx_version_for(cc)`.
         num_warps: warps per program (the launchers' default is 4).
         **constexprs: every constexpr of the wrapper (a `LaunchPlan.constexprs`).
 
     Raises:
-        AttnserveError: on an unknown op, dtype or constexpr, when TRITON_INTERPRET is set,
-            or when the kernel needs scratch memory TensorRT cannot provide.
+        AttnserveError: on an unknown op, dtype or constexpr, a PTX version too old for
+            the target, when TRITON_INTERPRET is set, or when the kernel needs scratch
+            memory TensorRT cannot provide.
     """
     s = shapes.spec(op)
+    cc = int(cc)
+    if ptx_version is None:
+        ptx_version = ptx_version_for(cc)
+    if ptx_version is not None and ptx_version < MIN_PTX_VERSION.get(cc, 0):
+        raise AttnserveError(f"sm_{cc} needs PTX ISA {MIN_PTX_VERSION[cc] / 10:.1f} or newer, "
+                             f"got {ptx_version / 10:.1f}")
     p = kernel_params(s.name)
     _check_kernel_params(s.name, p)
     if sorted(constexprs) != sorted(p.constexprs):
@@ -200,12 +221,15 @@ def compile_ptx(op: str, cc: int, *, dtype: str = "fp32", ptx_version: int = DEF
     if not isinstance(KERNELS[s.name], triton.runtime.JITFunction):
         raise AttnserveError("TRITON_INTERPRET is set, so the kernels were made for the interpreter; "
                              "compile PTX in a process without it")
-    return _compile(s.name, int(cc), dtype, int(ptx_version), int(num_warps),
+    return _compile(s.name, cc, dtype, None if ptx_version is None else int(ptx_version), int(num_warps),
                     tuple((k, constexprs[k]) for k in p.constexprs))
 
 
+_VERSION = re.compile(r"^\.version (\d+)\.(\d+)$", re.M)
+
+
 @functools.cache
-def _compile(op: str, cc: int, dtype: str, ptx_version: int, num_warps: int,
+def _compile(op: str, cc: int, dtype: str, ptx_version: int | None, num_warps: int,
              constexprs: tuple) -> CompiledPtx:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -222,8 +246,9 @@ def _compile(op: str, cc: int, dtype: str, ptx_version: int, num_warps: int,
     found = [t for t, _ in ptx_params(ptx, meta.name)]
     if found != expected:
         raise InternalError(f"{op}: PTX parameters {found} differ from what TensorRT passes {expected}")
+    major, minor = map(int, _VERSION.search(ptx).groups())
     return CompiledPtx(op, cc, dtype, meta.name, ptx, meta.num_warps, meta.shared, dict(constexprs),
-                       ptx_version)
+                       10 * major + minor)
 
 
 _ENTRY = re.compile(r"\.entry\s+(\w+)\s*\((.*?)\)", re.S)
@@ -321,10 +346,10 @@ CONFIGS = (
 
 
 def write_ptx(out_dir: str | Path, targets: Iterable[int] = TARGETS, configs: Sequence[PtxConfig] = CONFIGS,
-              *, ptx_version: int = DEFAULT_PTX_VERSION) -> list[dict]:
+              *, ptx_version: int | None = None) -> list[dict]:
     """Compile every config for every target into out_dir: `<config>.sm_<cc>.ptx` files and
     `index.json` (one entry per file: op, config, cc, entry name, launch facts, the
-    parameter list TensorRT fills). Returns the index."""
+    parameter list TensorRT fills). ptx_version: as for `compile_ptx`. Returns the index."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     index = []

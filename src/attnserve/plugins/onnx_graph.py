@@ -14,8 +14,8 @@ copy, for TensorRT only:
   10.1 imports local functions first; later versions prefer a registered plugin), and
   the parser keys local functions by name only, so with several overloads of one op it
   would use the first body for every node. Without the functions, a plugin that is not
-  registered fails the parse at that node ("Plugin not found") instead of silently
-  running something else.
+  registered fails the parse at that node ("Plugin not found", or "No importer
+  registered for op" from newer parsers) instead of silently running something else.
 
 No `aot` attribute is set: the plugins define only an AOT implementation, so TensorRT
 picks it whatever the network's PREFER_*_PYTHON_PLUGINS flags say (tensorrt.plugin

@@ -6,8 +6,9 @@ quickly_deployable_plugins/qdp_defs.py):
 
 - `tensorrt.plugin.register("ns::name")` (TensorRT >= 10.6): a function of the input
   `TensorDesc`s, then the attributes (annotated int, float, str or
-  `numpy.typing.NDArray[dtype]`), returning the output `TensorDesc`. It is called with
-  fake shape expressions for the types and with real ones for the shapes.
+  `numpy.typing.NDArray[dtype]`; here str and NDArray only, see `ANNOTATIONS`), returning
+  the output `TensorDesc`. It is called with fake shape expressions for the types and
+  with real ones for the shapes.
 - `tensorrt.plugin.autotune` (>= 10.6): the type/format combinations TensorRT may pick.
 - `tensorrt.plugin.aot_impl` (>= 10.9): (inputs, attributes, outputs, tactic) ->
   (kernel name, PTX, `KernelLaunchParams`, `SymIntExprs` of `SymInt32` scalars). TensorRT
@@ -61,11 +62,20 @@ class TrtArith:
         return int(dim.constant_value())
 
 
+# The ONNX parser hands INT and INTS as INT32 fields, FLOAT as FLOAT32 and STRING as
+# NUL-terminated CHAR (onnx-tensorrt loadFields); PluginField.data is a 1-D array even
+# for one value. tensorrt.plugin (_TemplatePluginCreator.create_plugin, 10.9 to 11.1)
+# converts a field with `annotation(f.data)` for int/float, which numpy >= 2.4 refuses
+# for a 1-D array ("only 0-dimensional arrays can be converted to Python scalars"), and
+# with `f.data.astype(dtype)` for NDArray annotations. So INT and FLOAT are declared as
+# one-element arrays of the parser's field types; shapes.normalize_attrs unwraps them.
+ANNOTATIONS = {
+    "ints": npt.NDArray[np.int32], "int": npt.NDArray[np.int32], "float": npt.NDArray[np.float32], "str": str,
+}
+
+
 def _annotation(kind: str):
-    # The parser hands INTS as an int32 field, INT as int32, FLOAT as float32 and STRING
-    # as chars; tensorrt.plugin converts each field with the annotation (int(), float(),
-    # bytes.decode(), ndarray.astype()).
-    return {"ints": npt.NDArray[np.int32], "str": str, "int": int, "float": float}[kind]
+    return ANNOTATIONS[kind]
 
 
 def _dtype(trt, dtype) -> str:
