@@ -25,17 +25,22 @@ _OV_DTYPES = {"f32": "float32", "f16": "float16", "f64": "float64", "i64": "int6
               "i8": "int8", "u8": "uint8", "boolean": "bool"}
 
 
-def _tensor_spec(port, axis_prefix: str, i: int) -> TensorSpec:
+def _tensor_spec(port, axis_prefix: str, i: int, graph_names: set[str]) -> TensorSpec:
     shape = tuple(d.get_length() if d.is_static else f"{axis_prefix}_{i}_{k}"
                   for k, d in enumerate(port.get_partial_shape()))
     dtype = port.get_element_type().get_type_name()
-    return TensorSpec(port.get_any_name(), _OV_DTYPES.get(dtype, dtype), shape)
+    # A port can carry several tensor names (an input read straight by an inlined custom
+    # op also gets the op's internal name); the graph's own I/O name is the one callers use.
+    declared = sorted(set(port.get_names()) & graph_names)
+    return TensorSpec(declared[0] if declared else port.get_any_name(), _OV_DTYPES.get(dtype, dtype), shape)
 
 
-def _has_local_functions(path: Path) -> bool:
+def _graph_io(path: Path) -> tuple[bool, set[str]]:
+    """Whether the ONNX file has local functions, and its graph's input and output names."""
     import onnx
 
-    return bool(onnx.load(str(path), load_external_data=False).functions)
+    model = onnx.load(str(path), load_external_data=False)
+    return bool(model.functions), {v.name for v in [*model.graph.input, *model.graph.output]}
 
 
 class OpenVinoRunner(Runner):
@@ -62,7 +67,8 @@ class OpenVinoRunner(Runner):
                 f"OpenVINO here has no {device!r} device (it has {', '.join(core.available_devices)})")
         path = Path(path)
         self._scratch: Path | None = None
-        if _has_local_functions(path):
+        has_functions, graph_names = _graph_io(path)
+        if has_functions:
             path = self._inlined(path)
         config = {"INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY"}
         if threads:
@@ -74,8 +80,9 @@ class OpenVinoRunner(Runner):
             raise ExportError(f"OpenVINO cannot load {path.name}: {first_line(e)}") from None
         self.request = self.compiled.create_infer_request()
         self.device = device
-        super().__init__([_tensor_spec(p, "dim", i) for i, p in enumerate(self.compiled.inputs)],
-                         [_tensor_spec(p, "out", i) for i, p in enumerate(self.compiled.outputs)])
+        compiled = self.compiled
+        super().__init__([_tensor_spec(p, "dim", i, graph_names) for i, p in enumerate(compiled.inputs)],
+                         [_tensor_spec(p, "out", i, graph_names) for i, p in enumerate(compiled.outputs)])
 
     def _inlined(self, path: Path) -> Path:
         import onnx
