@@ -9,6 +9,7 @@ import onnx
 import pytest
 
 from attnserve import runtime
+from attnserve.artifact import read_artifact
 from attnserve.compare import compare_outputs
 from attnserve.errors import ExportError, ParityError
 from attnserve.export import export_onnx, verify_onnx
@@ -151,3 +152,21 @@ def test_export_outputs_are_deterministic(exported_tiny, tmp_path):
     feed = get_spec("deit").example_inputs(2)
     with runtime.load(exported_tiny("deit").out_dir) as a, runtime.load(again.out_dir) as b:
         np.testing.assert_array_equal(a.run(feed)["logits"], b.run(feed)["logits"])
+
+
+def test_class_names_travel_in_the_manifest_and_bad_ones_are_refused(tmp_path):
+    names = tmp_path / "digits.txt"
+    names.write_text("\n".join(f"digit {i}" for i in range(10)) + "\n\n")
+    result = export_onnx("stn", tmp_path / "stn", labels=names)
+    manifest = json.loads((result.out_dir / "attnserve.json").read_text())
+    assert manifest["spec"]["labels"] == [f"digit {i}" for i in range(10)]
+    assert read_artifact(result.out_dir).spec.labels[3] == "digit 3"
+    with pytest.raises(ExportError, match=r"^3 class names given, but stn \(tiny\) has 10 classes$"):
+        export_onnx("stn", tmp_path / "bad", labels=["a", "b", "c"])
+    with pytest.raises(ExportError, match="repeat a name"):
+        export_onnx("stn", tmp_path / "bad", labels=["a"] * 10)
+    with pytest.raises(ExportError, match="class names are for classifiers; transformer is a translation"):
+        export_onnx("transformer", tmp_path / "bad", labels=["a"])
+    with pytest.raises(ExportError, match="does not exist"):
+        export_onnx("stn", tmp_path / "bad", labels=tmp_path / "missing.txt")
+    assert not (tmp_path / "bad").exists()

@@ -324,6 +324,59 @@ def test_int8_vit_has_qdq_as_tensorrt_takes_it_and_passes_the_int8_criterion(int
     assert all(r.passed for r in verify_onnx(result.out_dir, batch_sizes=(2,)))
 
 
+class OutlierChannel(nn.Module):
+    """A projection whose output has one channel 1000x the others (the "massive
+    activation" of large models) that the next layer ignores: int8's per-tensor scale of
+    that input is set by the outlier, so the channels the next layer does read round to 0."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.proj = nn.Linear(16, 16)
+        self.mix = nn.Linear(16, 16)
+        self.head = nn.Linear(16, 4)
+        with torch.no_grad():
+            self.proj.weight[0].mul_(1000.0)
+            self.mix.weight[:, 0] = 0.0
+
+    def forward(self, x):
+        return self.head(torch.relu(self.mix(self.proj(x))))
+
+
+OUTLIER_SPEC = ModelSpec("outlier", "test", "image-classification", (TensorSpec("x", "float32", ("batch", 16)),),
+                         (TensorSpec("logits", "float32", ("batch", 4)),))
+
+
+def test_int8_bisection_keeps_float_only_the_node_that_needs_it(tmp_path):
+    model = OutlierChannel().eval()
+    path = tmp_path / "model.onnx"
+    _torch_export(model, OUTLIER_SPEC, path, 20)
+    feeds, source = P.calibration_feeds(OUTLIER_SPEC)
+    check = P.Int8Check(model, OUTLIER_SPEC, (1, 3))
+
+    everything, _ = P.quantize_int8(path, feeds, source)
+    ok, why = check(everything)
+    assert not ok and "cosine" in why, "the test needs a model that int8 breaks"
+
+    lines = []
+    model_q, report = P.quantize_int8(path, feeds, source, check, lines.append)
+    kept = [k for k in report.float_nodes if k.reason.startswith("in int8")]
+    assert [k.module for k in kept] == ["mix"] and kept[0].module_type.endswith("Linear"), report.lines()
+    assert report.candidates == 2 and report.attempts > 1 and lines
+    quantized = {n.name for n in model_q.graph.node if n.op_type in P.INT8_OP_TYPES
+                 and any(x.endswith("DequantizeLinear_Output") for x in n.input)}
+    assert kept[0].name not in quantized and len(quantized) == 2
+    assert check(model_q)[0]
+    onnx.checker.check_model(model_q)
+    # Nothing left over: every Q/DQ node and initializer is read.
+    read = {x for n in model_q.graph.node for x in n.input} | {o.name for o in model_q.graph.output}
+    assert all(any(o in read for o in n.output) for n in model_q.graph.node)
+    assert all(i.name in read for i in model_q.graph.initializer)
+
+    _save_checked(model_q, path, OUTLIER_SPEC)
+    assert all(r.passed for r in check_parity(model, OUTLIER_SPEC, path, "int8"))
+
+
 def test_int8_criterion_pools_top1_over_batches():
     rng = np.random.default_rng(0)
     want = {3: rng.standard_normal((3, 10)), 8: rng.standard_normal((8, 10))}

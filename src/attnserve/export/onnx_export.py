@@ -14,7 +14,7 @@ import os
 import shutil
 import tempfile
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -81,6 +81,7 @@ def export_onnx(
     parity_batch_sizes: tuple[int, ...] = PARITY_BATCH_SIZES,
     seed: int = 0,
     vocabularies: Mapping[str, str | Path | Vocabulary] | None = None,
+    labels: Sequence[str] | str | Path | None = None,
     on_progress: Callable[[str], None] | None = None,
     **overrides: Any,
 ) -> ExportResult:
@@ -113,6 +114,9 @@ def export_onnx(
         vocabularies: role ("source", "target"; see ModelSpec.vocab_sizes) -> the
             vocabulary the checkpoint was trained with (a file or a Vocabulary); saved
             beside the model as vocab-<role>.json so clients turn text into ids and back.
+        labels: class names of a classifier (a list, or a text file of one per line),
+            one per class of its first output; recorded in the spec, so the served
+            model and the client name classes.
         on_progress: called with a line as mixed precision's bisection goes.
         **overrides: config field overrides.
 
@@ -131,6 +135,8 @@ def export_onnx(
     model = create_model(name, cfg, str(checkpoint) if checkpoint else None, seed=seed)
     spec = dataclasses.replace(entry.spec_fn(name, config_name, cfg), config=config_name)
     vocabs = _checked_vocabularies(spec, vocabularies or {})
+    if labels is not None:
+        spec = dataclasses.replace(spec, labels=_checked_labels(spec, labels))
     half = precision == "fp16"  # the only precision whose inputs and outputs change
     graph_spec = _with_float_dtype(spec, "float16") if half else spec
     # int8: calibration data first, so a bad folder fails before minutes of export.
@@ -229,6 +235,25 @@ def export_onnx(
             out_dir.rmdir()
 
 
+def _checked_labels(spec: ModelSpec, labels: Sequence[str] | str | Path) -> tuple[str, ...]:
+    """Class names for `spec`'s first output, one per class, from a list or a file."""
+    if isinstance(labels, str | Path):
+        path = Path(labels)
+        if not path.is_file():
+            raise ExportError(f"the labels file {path} does not exist")
+        labels = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    labels = tuple(str(x) for x in labels)
+    if not spec.task.endswith("classification"):
+        raise ExportError(f"class names are for classifiers; {spec.name} is a {spec.task} model")
+    classes = spec.outputs[0].shape[-1]
+    if len(labels) != classes:
+        raise ExportError(f"{len(labels)} class names given, but {spec.name} ({spec.config}) "
+                          f"has {classes} classes")
+    if len(set(labels)) != len(labels):
+        raise ExportError("the class names repeat a name; each class needs its own")
+    return labels
+
+
 def _checked_vocabularies(spec: ModelSpec, given: Mapping) -> dict[str, Vocabulary]:
     vocabs = {}
     for role, vocab in given.items():
@@ -300,7 +325,8 @@ def _set_precision(model: torch.nn.Module, spec: ModelSpec, onnx_path: Path, pre
                                                      seed=seed, on_progress=on_progress)
     elif precision == "int8":
         feeds, source = calibration
-        converted, report = precisions.quantize_int8(onnx_path, feeds, source)
+        check = precisions.Int8Check(model, spec, batch_sizes, seed=seed)
+        converted, report = precisions.quantize_int8(onnx_path, feeds, source, check, on_progress)
     else:
         return None
     _save_checked(converted, onnx_path, spec)

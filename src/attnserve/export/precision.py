@@ -12,6 +12,8 @@ precision of an engine is the precision written in its ONNX graph. This module w
   example inputs or on a folder of images, with the placement TensorRT asks for
   (symmetric int8, per-channel weights, float biases, only the inputs of Conv, Gemm and
   MatMul quantized) and judged by `Int8Criterion`, as no element-wise tolerance fits int8.
+  When the whole model fails that, the same bisection finds the quantized nodes that
+  must stay float (`dequantized` makes a node float again).
 
 Why our own bisection rather than `onnxconverter_common.auto_mixed_precision`: that
 module compares the converted ONNX model with the fp32 ONNX model (not the eager model),
@@ -169,8 +171,9 @@ class PrecisionReport:
         precision: "mixed" or "int8".
         fp32_nodes: mixed: the nodes kept in fp32 (found by bisection, or in
             onnxconverter-common's default op block list).
-        float_nodes: int8: the nodes of quantizable op types left unquantized.
-        attempts: mixed: candidate conversions run on ONNX Runtime.
+        float_nodes: int8: the nodes of quantizable op types left unquantized (the
+            attention-probability MatMuls, and those the bisection kept float).
+        attempts: candidate models run on ONNX Runtime by the bisection.
         candidates: mixed: nodes the bisection decided on; int8: nodes quantized.
         quantization: int8: format, op types, Q/DQ counts, calibration source.
     """
@@ -202,7 +205,8 @@ class PrecisionReport:
         counts = q.get("qdq_nodes", {})
         head = (f"int8 Q/DQ on the inputs of {', '.join(q.get('op_types', []))}: {self.candidates} node(s) "
                 f"quantized, {counts.get('QuantizeLinear', 0)} QuantizeLinear / "
-                f"{counts.get('DequantizeLinear', 0)} DequantizeLinear; calibrated on {q.get('calibration')}")
+                f"{counts.get('DequantizeLinear', 0)} DequantizeLinear; calibrated on {q.get('calibration')}"
+                + (f"; {self.attempts} bisection attempt(s)" if self.attempts > 1 else ""))
         return [head] + [f"  float: {k.describe()}" for k in self.float_nodes]
 
 
@@ -818,8 +822,15 @@ def quantize_int8(
     onnx_path: str | Path,
     feeds: list[dict[str, np.ndarray]],
     calibration: str,
+    check: Callable[[onnx.ModelProto], tuple[bool, str]] | None = None,
+    on_progress: Callable[[str], None] | None = None,
 ) -> tuple[onnx.ModelProto, PrecisionReport]:
     """Q/DQ int8 of the fp32 ONNX file at `onnx_path`, calibrated (min/max) on `feeds`.
+
+    With `check` (a model -> (passes, why not), e.g. an `Int8Check`): when the fully
+    quantized model fails it, the quantized nodes that must stay float are found by
+    bisection (`bisect_fp32_nodes`; a node is made float again by `dequantized`, with
+    the same calibration) and reported with their modules, as mixed precision does.
 
     onnxruntime.quantization.quantize_static with QuantFormat.QDQ; the options are the
     ones TensorRT takes (see its docstring: symmetric QInt8 activations and weights for
@@ -858,14 +869,36 @@ def quantize_int8(
         model = onnx.load(str(out))
     nodes = model.graph.node
     qdq = {op: sum(n.op_type == op for n in nodes) for op in ("QuantizeLinear", "DequantizeLinear")}
-    dequantized = {o for n in nodes if n.op_type == "DequantizeLinear" for o in n.output}
-    quantized = [n for n in nodes if n.op_type in INT8_OP_TYPES and any(x in dequantized for x in n.input)]
+    dq_outputs = {o for n in nodes if n.op_type == "DequantizeLinear" for o in n.output}
+    quantized = [n for n in nodes if n.op_type in INT8_OP_TYPES and any(x in dq_outputs for x in n.input)]
     if not quantized:
         raise ExportError(f"{onnx_path} has no {', '.join(INT8_OP_TYPES)} node with float inputs to "
                           "quantize; int8 would change nothing")
+    kept, attempts = {}, 0
+    if check is not None:
+        names = [n.name for n in quantized]
+        everything = set(names)
+        fp32 = onnx.load(str(onnx_path))
+
+        def passes(converted: frozenset[str]) -> tuple[bool, str]:
+            return check(dequantized(model, fp32, everything - converted))
+
+        def progress(attempt: int, converted: int, kept: int) -> None:
+            if on_progress:
+                on_progress(f"int8 bisection attempt {attempt}: {converted} of {len(names)} nodes "
+                            f"quantized, {kept} kept float")
+
+        kept, attempts = bisect_fp32_nodes(names, passes, progress)
+        if kept:
+            model = dequantized(model, fp32, set(kept))
+            quantized = [n for n in quantized if n.name not in kept]
+            nodes = model.graph.node
+            qdq = {op: sum(n.op_type == op for n in nodes) for op in ("QuantizeLinear", "DequantizeLinear")}
     report = PrecisionReport(
         "int8",
-        float_nodes=[KeptNode.of(n, "reads attention probabilities (a Softmax's output)") for n in excluded],
+        float_nodes=[KeptNode.of(n, "reads attention probabilities (a Softmax's output)") for n in excluded]
+        + [KeptNode.of(n, f"in int8: {kept[n.name]}") for n in header.graph.node if n.name in kept],
+        attempts=attempts,
         candidates=len(quantized),
         quantization={"format": "QDQ", "op_types": list(INT8_OP_TYPES),
                       "activations": "int8 symmetric per tensor", "weights": "int8 symmetric per channel",
@@ -874,3 +907,78 @@ def quantize_int8(
                       "criterion": dataclasses.asdict(INT8_CRITERION)},
     )
     return model, report
+
+
+def dequantized(model: onnx.ModelProto, fp32: onnx.ModelProto, nodes: set[str]) -> onnx.ModelProto:
+    """A copy of the Q/DQ `model` in which `nodes` read float again: each takes the inputs
+    it has in the `fp32` model it was quantized from (quantize_static keeps node and
+    activation names; its weights' float initializers come back from `fp32`), and the
+    QuantizeLinear / DequantizeLinear nodes and int8 weights nobody reads any more go."""
+    model = copy.deepcopy(model)
+    graph = model.graph
+    original = {n.name: n for n in fp32.graph.node}
+    missing = set(nodes) - original.keys()
+    if missing:
+        raise InternalError(f"nodes {sorted(missing)} of the int8 graph are not in the fp32 one")
+    for n in graph.node:
+        if n.name in nodes:
+            del n.input[:]
+            n.input.extend(original[n.name].input)
+    have = {i.name for i in graph.initializer}
+    read = {x for n in graph.node for x in n.input}
+    graph.initializer.extend(i for i in fp32.graph.initializer if i.name in read and i.name not in have)
+    _drop_unread_qdq(graph)
+    return model
+
+
+def _drop_unread_qdq(graph: onnx.GraphProto) -> None:
+    outputs = {o.name for o in graph.output}
+    while True:
+        read = {x for n in graph.node for x in n.input} | outputs
+        dead = [n for n in graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")
+                and not any(o in read for o in n.output)]
+        if not dead:
+            break
+        for n in dead:
+            graph.node.remove(n)
+    read = {x for n in graph.node for x in n.input}
+    kept = [i for i in graph.initializer if i.name in read]
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+
+
+class Int8Check:
+    """Runs int8 candidates on ONNX Runtime (CPU) against fixed eager outputs at the int8
+    check's batch sizes, judged as the parity check judges them (`judge_int8`), so a
+    model that passes here passes parity."""
+
+    def __init__(self, reference, spec: ModelSpec, batch_sizes: Sequence[int], *, seed: int = 0,
+                 criterion: Int8Criterion = INT8_CRITERION):
+        from attnserve.runtime.torch_runner import TorchRunner
+
+        self.spec, self.criterion = spec, criterion
+        self.feeds = [(f"batch {b}", spec.example_inputs(b, seed=seed + b))
+                      for b in int8_batch_sizes(batch_sizes)]
+        runner = TorchRunner(reference, spec)
+        self.expected = [runner.run(feed) for _, feed in self.feeds]
+        self.classes_last_axis = has_class_axis(spec)
+
+    def __call__(self, model: onnx.ModelProto) -> tuple[bool, str]:
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        with tempfile.TemporaryDirectory(prefix="attnserve-int8-") as tmp:
+            try:
+                session = ort.InferenceSession(_serialized(model, Path(tmp)), sess_options=options,
+                                               providers=["CPUExecutionProvider"])
+            except Exception as e:  # onnxruntime raises its own unexported exception types
+                return False, f"ONNX Runtime cannot load it ({first_line(e)})"
+            names = [o.name for o in session.get_outputs()]
+            reports = []
+            for (label, feed), expected in zip(self.feeds, self.expected, strict=True):
+                actual = dict(zip(names, session.run(names, feed), strict=True))
+                reports.append(compare_outputs(expected, actual, self.spec.tolerance("fp16"),
+                                               classes_last_axis=self.classes_last_axis, label=label))
+        failed = [r for r in judge_int8(reports, self.criterion) if not r.passed]
+        return not failed, "; ".join(f"{r.label}: {', '.join(r.failures())}" for r in failed[:1])
