@@ -87,6 +87,24 @@ def test_preprocessing_equals_the_reference_transform(served_exports, size):
     np.testing.assert_array_equal(pixels(spec, [load_image(bgr, "BGR")]), pixels(spec, [image]))
 
 
+def test_gray_preprocessing_gives_one_channel_of_the_pixels_as_written(tmp_path):
+    from attnserve.imaging import preprocess
+    from attnserve.models import get_spec
+
+    rng = np.random.default_rng(0)
+    grey = rng.integers(0, 256, (40, 40), dtype=np.uint8)
+    path = tmp_path / "digit.png"
+    visualize.save_png(np.repeat(grey[..., None], 3, axis=2), path)
+    spec = get_spec("stn", "digits")  # a grey 40 x 40 canvas, no crop
+    got = pixels(spec, [load_image(path)])
+    assert got.shape == (1, 1, 40, 40)
+    np.testing.assert_array_equal(got[0, 0], grey.astype(np.float32) / 255)
+    # A colour picture becomes its luma.
+    colour = rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)
+    luma = colour.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
+    np.testing.assert_allclose(preprocess(colour, spec.preprocessing)[0] * 255, luma, atol=0.6)
+
+
 @pytest.mark.parametrize("protocol", ["grpc", "http"])
 def test_classify_equals_eager(triton_server, served_exports, protocol, tmp_path):
     spec = served_exports["vit"].spec

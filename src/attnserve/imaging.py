@@ -43,7 +43,9 @@ def encode_jpeg(image: np.ndarray, quality: int = 95) -> bytes:
 def preprocess(image: np.ndarray, preprocessing: Mapping) -> np.ndarray:
     """RGB uint8 (H, W, 3) -> float32 (3, S, S), normalised as the model was trained;
     with `"crop": False` (detectors) -> (3, h, w), the whole image resized so its short
-    side is `resize` and its long side at most `max_size`, aspect ratio kept."""
+    side is `resize` and its long side at most `max_size`, aspect ratio kept. With
+    `"color": "gray"` the image is turned grey first (ITU-R BT.601 luma, OpenCV's) and
+    the result has one channel."""
     import cv2
 
     if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
@@ -52,6 +54,8 @@ def preprocess(image: np.ndarray, preprocessing: Mapping) -> np.ndarray:
     height, width = image.shape[:2]
     if min(height, width) < 1:
         raise InputError(f"the image is empty ({height}x{width})")
+    if str(preprocessing.get("color", "RGB")).lower() in ("gray", "grey"):
+        image = cv2.cvtColor(image, cv2.COLOR_RGB2GRAY)[..., None]
     if preprocessing.get("crop", True):
         short = preprocessing["resize"]
         scale = short / min(height, width)
@@ -59,6 +63,8 @@ def preprocess(image: np.ndarray, preprocessing: Mapping) -> np.ndarray:
     else:
         size = _keep_aspect(height, width, preprocessing["resize"], preprocessing.get("max_size"))[::-1]
     resized = cv2.resize(image.astype(np.float32), size, interpolation=cv2.INTER_LINEAR)
+    if resized.ndim == 2:  # OpenCV drops a single channel's axis
+        resized = resized[..., None]
     if preprocessing.get("crop", True):
         crop = preprocessing["image_size"]
         top, left = (resized.shape[0] - crop) // 2, (resized.shape[1] - crop) // 2

@@ -19,6 +19,7 @@ experiments (sec. 4.1):
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -26,7 +27,7 @@ from torch import nn
 
 from attnserve.models.registry import register_model
 from attnserve.ops import affine_grid_sample, grid_sample
-from attnserve.spec import image_classifier
+from attnserve.spec import ModelSpec, image_classification_spec
 
 
 @dataclass(frozen=True)
@@ -143,13 +144,30 @@ CONFIGS = {
     # Cluttered MNIST (60 x 60 canvas), sec. 4.1 and appendix.
     "affine": STNConfig(),
     "tps": STNConfig(transform="tps"),
+    # Demo (attnserve train digits): 16 x 16 digits on a cluttered 40 x 40 canvas. The output
+    # keeps the canvas's size, so the classifier behind the transformer is exactly the
+    # no-transformer baseline the demo compares it with.
+    "digits": STNConfig(img_size=40, out_size=40, loc_channels=(8, 16), loc_hidden=32,
+                        cls_channels=(8, 16), cls_hidden=64),
 }
+
+
+def _spec(name: str, config_name: str, cfg: STNConfig) -> ModelSpec:
+    """Static size (the FC layers fix it). The canvas is the whole input, as the paper's
+    cluttered MNIST: clients resize it to the canvas without cropping (a crop would cut
+    off digits at the edge), in grey for one channel, values in [0, 1]."""
+    spec = image_classification_spec(name, config_name, img_size=cfg.img_size, in_chans=cfg.in_chans,
+                                      num_classes=cfg.num_classes, dynamic_size=False,
+                                      mean=(0.0,) * cfg.in_chans, std=(1.0,) * cfg.in_chans)
+    preprocessing = {**spec.preprocessing, "resize": cfg.img_size,
+                     "color": "gray" if cfg.in_chans == 1 else "RGB"}
+    return dataclasses.replace(spec, preprocessing=preprocessing)
 
 
 register_model(
     "stn",
     configs=CONFIGS,
-    spec=image_classifier(mean=(0.0,), std=(1.0,)),  # static size: the FC layers fix it
+    spec=_spec,
     paper="Jaderberg et al., Spatial Transformer Networks, NeurIPS 2015",
     custom_ops=("AffineGridSampler", "GridSampler"),  # affine / thin-plate spline
 )(SpatialTransformerClassifier)
