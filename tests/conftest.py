@@ -89,3 +89,16 @@ def triton_server(served_exports, tmp_path_factory):
     add_broken_model(repo / "broken")
     with TritonServer(repo, log_file=root / "tritonserver.log", python=SERVE_PYTHON) as server:
         yield server
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny training batches run faster on one thread: with two threads per xdist worker on
+    two busy cores, the short trainings of the train tests took up to 20 times longer
+    (threads waiting on each other)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -304,6 +304,10 @@ I3D_CONFIGS = {
     # 16 frames of 64 x 64: res3 is 2 x 8 x 8 (128 queries, 32 keys), res4 2 x 4 x 4.
     **_variants(NonLocalI3DConfig(layers=(1, 1, 1, 1), stem_width=8, img_size=64, num_frames=16,
                                   num_classes=10, nonlocal_blocks=((), (0,), (0,), ()))),
+    # The demo's synthetic actions (attnserve.train.actions): 8 consecutive frames of
+    # 32 x 32, 7 classes; res3 is 1 x 4 x 4 (16 queries, 4 keys), res4 1 x 2 x 2.
+    "shapes": NonLocalI3DConfig(layers=(1, 1, 1, 1), stem_width=8, img_size=32, num_frames=8, frame_stride=1,
+                                num_classes=7, nonlocal_blocks=((), (0,), (0,), ())),
     # NL I3D ResNet-50 on Kinetics-400, 32 frames of 224 x 224 (sec. 4.1, table 2f).
     "i3d_resnet50": NonLocalI3DConfig(),
     "i3d_resnet101": NonLocalI3DConfig(layers=(3, 4, 23, 3), nonlocal_blocks=NONLOCAL_5_BLOCKS_R101),

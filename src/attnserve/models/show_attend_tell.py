@@ -186,6 +186,12 @@ CONFIGS = {
     "tiny_hard": _tiny(attention="hard"),
     "base": ShowAttendTellConfig(),
     "base_hard": ShowAttendTellConfig(attention="hard"),
+    # The demo (attnserve.train.captions): 64 x 64 pictures of two coloured shapes and their
+    # 15-token vocabulary. Two one-block stages give an 8 x 8 grid (8 px a cell) of 128-d
+    # annotations, fine enough for the attention to pick out one shape.
+    "shapes": ShowAttendTellConfig(vocab_size=15, img_size=64, trunk_layers=(1, 1), stem_width=16,
+                                   embed_dim=32, hidden_dim=64, attention_dim=32, target_len=9,
+                                   max_length=12),
 }
 
 

@@ -112,6 +112,13 @@ CONFIGS = {
     ),
     # ViT-B/16 at 224 and the Transformer base decoder; a 10k-word caption vocabulary.
     "base": ViTCaptionerConfig(),
+    # The demo (attnserve.train.captions): 64 x 64 pictures of two coloured shapes, 8 x 8
+    # patches of 8 px, and their 15-token vocabulary.
+    "shapes": ViTCaptionerConfig(
+        encoder=ViTConfig(img_size=64, patch_size=8, embed_dim=64, depth=2, num_heads=4),
+        vocab_size=15, dim=64, num_heads=4, ffn_dim=128, depth=2, target_len=9, example_past_len=3,
+        max_length=12,
+    ),
 }
 
 

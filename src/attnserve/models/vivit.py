@@ -328,6 +328,12 @@ CONFIGS = {
     "tiny_fe": _tiny(FACTORISED_ENCODER),
     "tiny_fsa": _tiny(FACTORISED_SELF_ATTENTION),
     "tiny_fdpa": _tiny(FACTORISED_DOT_PRODUCT),
+    # The demo's synthetic actions (attnserve.train.actions): 8 consecutive frames of
+    # 32 x 32, 7 classes. Model 1 on a 2 x 4 x 4 grid of 4 x 8 x 8 tubelets (a tubelet
+    # spanning 4 frames sees the motion; 2 x 8 x 8 ones learned far slower), 3 layers 64
+    # wide, ~0.2M parameters.
+    "shapes": ViViTConfig(img_size=32, num_frames=8, tubelet=(4, 8, 8), num_classes=7, embed_dim=64,
+                          depth=3, num_heads=4, frame_stride=1),
     # ViViT-B/16x2 (ViT-Base: 12 layers, 768 wide, 12 heads) on 32 frames of 224 x 224,
     # Kinetics-400: the paper's Kinetics models and google/vivit-b-16x2-kinetics400.
     "base": ViViTConfig(),
