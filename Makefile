@@ -52,7 +52,7 @@ test-fast: install serve-env
 lint: install
 	$(VENV)/bin/ruff check src tests
 
-demo: install
+demo: install serve-env
 	$(VENV)/bin/attnserve demo
 
 clean:

@@ -81,6 +81,8 @@ def export_cmd(
     vocab: Annotated[list[str] | None, typer.Option(
         help="Text models: ROLE=FILE (source or target) or FILE for every role; saved beside the model.",
     )] = None,
+    labels: Annotated[Path | None, typer.Option(
+        help="Classifiers: a text file of class names, one per line, in class order.")] = None,
 ) -> None:
     """Export a model to ONNX and check it against the eager model on ONNX Runtime."""
     from attnserve.export import export_onnx
@@ -101,7 +103,7 @@ def export_cmd(
         result = export_onnx(
             name, out_dir, config=config, checkpoint=checkpoint, opset=opset, custom_ops=custom_ops,
             precision=precision, calibration=calibration, allow_mismatch=allow_mismatch,
-            vocabularies=vocabularies, on_progress=status.update,
+            vocabularies=vocabularies, labels=labels, on_progress=status.update,
         )
     for report in result.parity:
         console.print(f"  parity {report.label}: {report.summary()}", highlight=False)
@@ -277,33 +279,43 @@ def print_benchmark(result) -> None:
     console.print(table)
 
 
+@app.command("train")
+def train_cmd(
+    task: Annotated[str, typer.Argument(help="digits (stn, ram), captions (show_attend_tell, vit_captioner) "
+                                             "or actions (vivit, nonlocal_i3d).")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Where the checkpoints go.")] = Path(
+        "out/checkpoints"),
+    seed: Annotated[int, typer.Option(help="Seed of the data and the initialisation.")] = 0,
+    reuse: Annotated[bool, typer.Option(
+        help="Keep checkpoints of the same seed already in --output.")] = False,
+) -> None:
+    """Train a demo task's models on data made here (no download), held-out metrics included."""
+    from attnserve.train import train_task
+
+    with console.status(f"training {task}...") as status:
+        results = train_task(task, output, seed=seed, reuse=reuse, on_progress=status.update)
+    for r in results:
+        metrics = ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
+                            for k, v in r.metrics.items())
+        console.print(f"  {r.model} ({r.config}): {metrics}; {r.seconds:.0f} s -> {r.checkpoint}",
+                      highlight=False)
+
+
 @app.command("demo")
 def demo_cmd(
-    output: Annotated[Path, typer.Option("--output", "-o")] = Path("out/demo"),
-    config: Annotated[str, typer.Option("--config", "-c", help="ViT config to use.")] = "ti16",
+    output: Annotated[Path, typer.Option("--output", "-o", help="Where everything goes.")] = Path("out/demo"),
+    seed: Annotated[int, typer.Option(help="Seed of the demo data and training.")] = 0,
+    python: Annotated[Path | None, typer.Option(
+        help="Interpreter of the serving environment (default: $ATTNSERVE_TRITON_PYTHON, else .venv-serve).")
+    ] = None,
 ) -> None:
-    """Export a ViT, verify it, and compare eager and ONNX Runtime latency."""
-    from attnserve.bench import benchmark_model
-    from attnserve.export import export_onnx, verify_onnx
+    """Train the demo models (or reuse them), export, serve on Triton, call with the client,
+    time eager vs ONNX Runtime vs Triton, and write the attention pictures."""
+    from attnserve.demo import run_demo
 
-    out_dir = output / f"vit-{config}"
-    console.rule("1. export (torch.onnx dynamo exporter) with parity on ONNX Runtime")
-    with console.status(f"exporting vit ({config})..."):
-        result = export_onnx("vit", out_dir, config=config)
-    for r in result.parity:
-        console.print(f"  parity {r.label}: {r.summary()}")
-    console.print(f"  wrote {result.onnx_path}")
-    console.rule("2. verify the file on disk at other batch sizes")
-    with console.status("verifying..."):
-        reports = verify_onnx(out_dir, batch_sizes=(2, 5))
-    for r in reports:
-        console.print(f"  {r.label}: {r.summary()}")
-    console.rule("3. latency, eager vs ONNX Runtime, side by side")
-    with console.status("benchmarking...") as status:
-        bench = benchmark_model(str(out_dir), ("torch", "ort"), (1, 8), iterations=20,
-                                on_progress=lambda msg: status.update(msg))
-    print_benchmark(bench)
-    console.print(f"outputs are in {out_dir}")
+    run_demo(output, seed=seed, python=python,
+             say=lambda line: console.print(line, highlight=False, soft_wrap=True),
+             section=lambda title: console.rule(title))
 
 
 repo_app = typer.Typer(help="Triton model repositories.", no_args_is_help=True)
