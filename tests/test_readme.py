@@ -24,3 +24,11 @@ def test_python_example_runs(tmp_path, monkeypatch):
 @pytest.mark.parametrize("line", re.findall(r"^attnserve (\w[\w-]*)", README, flags=re.M))
 def test_tour_commands_exist(line):
     assert line in {c.name for c in app.registered_commands} | {g.name for g in app.registered_groups}
+
+
+def test_the_catalog_has_a_row_for_every_registered_model():
+    from attnserve.models import list_models
+
+    catalog = README[README.index("## The catalog"):README.index("## On a GPU box")]
+    rows = set(re.findall(r"^\| `(\w+)` \|", catalog, flags=re.M))
+    assert rows == set(list_models())
