@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import tritonclient.grpc as grpcclient
 
-from attnserve.bench.latency import machine_info
+from attnserve.bench.latency import machine_info, median_ms
 from attnserve.client import Client
 from attnserve.client._core import pixels
 from attnserve.client.media import load_image
@@ -33,16 +33,6 @@ from attnserve.models import get_spec
 from attnserve.serving import ServingPolicy, TritonServer, build_repository
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def median_ms(fn, repeats: int) -> float:
-    fn()
-    samples = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - start)
-    return float(np.median(samples) * 1e3)
 
 
 def scene(height: int, width: int, seed: int) -> np.ndarray:

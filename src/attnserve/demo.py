@@ -136,11 +136,11 @@ def run_demo(root: str | Path = "out/demo", *, seed: int = 0, say: Say = print,
 def _train(layout: DemoLayout, seed: int, say: Say) -> list[DemoModel]:
     models = []
     for task in TASKS:
-        t0 = time.perf_counter()
+        started = time.time()
         results = train_task(task, layout.checkpoints, seed=seed, reuse=True, on_progress=None)
-        reused = time.perf_counter() - t0 < 1.0
         for r in results:
             metrics = ", ".join(f"{k} {v:.3f}" for k, v in r.metrics.items() if isinstance(v, float))
+            reused = r.checkpoint.stat().st_mtime < started  # written before this run
             how = "reused" if reused else f"trained in {r.seconds:.0f} s"
             say(f"  {task}: {r.model} ({r.config}) {how}; held-out {metrics}")
             models.append(DemoModel(task, r))
@@ -295,12 +295,14 @@ def _latency(models: list[DemoModel], url: str, say: Say) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    from attnserve.bench.latency import median_ms
     from attnserve.client import Client
 
     table = Table("model", "eager", "ONNX Runtime", "Triton (gRPC)", "ORT / eager", "Triton / ORT")
     with Client(url, timeout_s=120) as client:
         for m in models:
-            m.latency_ms = {backend: _median_ms(call) for backend, call in _calls(m, client).items()}
+            m.latency_ms = {backend: median_ms(call, LATENCY_CALLS, LATENCY_WARMUP)
+                            for backend, call in _calls(m, client).items()}
             e, o, t = (m.latency_ms[b] for b in ("torch", "ort", "triton"))
             table.add_row(m.served, f"{e:.2f}", f"{o:.2f}", f"{t:.2f}", f"{o / e:.2f}x", f"{t / o:.2f}x")
     console = Console(record=True, width=120)
@@ -338,13 +340,3 @@ def _greedy_caller(export_dir: Path, backend: str, image_input: str, image: np.n
     encoder, step, config = runtime.load_generator(export_dir, backend=backend)
     return lambda: greedy_search(encoder, step, {image_input: image}, config)
 
-
-def _median_ms(call: Callable[[], object]) -> float:
-    for _ in range(LATENCY_WARMUP):
-        call()
-    samples = []
-    for _ in range(LATENCY_CALLS):
-        t0 = time.perf_counter()
-        call()
-        samples.append(time.perf_counter() - t0)
-    return float(np.median(samples) * 1e3)

@@ -74,6 +74,18 @@ class LatencyStats:
         )
 
 
+def median_ms(call: Callable[[], object], repeats: int, warmup: int = 1) -> float:
+    """Median wall time of `call` in ms over `repeats` calls, after `warmup` untimed ones."""
+    for _ in range(warmup):
+        call()
+    samples = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        call()
+        samples.append(time.perf_counter() - t0)
+    return float(np.median(samples) * 1e3)
+
+
 def window_spread(medians: Sequence[float]) -> float:
     """max/min - 1 of the last three window medians (inf with fewer than three)."""
     last = list(medians)[-STABLE_WINDOWS:]

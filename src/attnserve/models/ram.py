@@ -170,12 +170,15 @@ class RecurrentAttentionModel(nn.Module):
             if location_noise is not None:
                 loc = loc + cfg.location_std * location_noise[:, t]
             locations.append(loc)
-            g = self.glimpse_features(images, loc)
-            if cfg.core == "rnn":
-                h = F.relu(self.core_hidden(h) + self.core_input(g))
-            else:
-                h, c = lstm_step(self.core_lstm, g, h, c)
+            h, c = self.core_step(self.glimpse_features(images, loc), h, c)
         return self.classifier(h), torch.stack(locations, dim=1)  # (B, classes), (B, N, 2)
+
+    def core_step(self, g: torch.Tensor, h: torch.Tensor, c: torch.Tensor | None
+                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """f_h: (h_{t-1}, c_{t-1}), g_t -> (h_t, c_t); c is None for the rectifier core."""
+        if self.cfg.core == "rnn":
+            return F.relu(self.core_hidden(h) + self.core_input(g)), None
+        return lstm_step(self.core_lstm, g, h, c)
 
 
 def _spec(name: str, config_name: str, cfg: RAMConfig) -> ModelSpec:

@@ -47,7 +47,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from attnserve.models import create_model
-from attnserve.models.layers.lstm_step import lstm_step
 from attnserve.models.registry import get_entry
 from attnserve.train.common import (
     Progress,
@@ -382,11 +381,7 @@ class RAMTrainer(nn.Module):
             baselines.append(self.baseline(h.detach()).squeeze(-1))
             means.append(mean)
             locations.append(loc)
-            g = ram.glimpse_features(images, loc)
-            if cfg.core == "rnn":
-                h = F.relu(ram.core_hidden(h) + ram.core_input(g))
-            else:
-                h, c = lstm_step(ram.core_lstm, g, h, c)
+            h, c = ram.core_step(ram.glimpse_features(images, loc), h, c)
         return Rollout(ram.classifier(h), torch.stack(means, 1), torch.stack(locations, 1),
                        torch.stack(baselines, 1))
 
