@@ -382,10 +382,12 @@ class Recipe:
 
 
 # Chosen on a validation stream (seed 0, stream 3), not on the held-out split. The
-# transformer learns more per step from smaller batches (bs 16 against 64 at equal time).
+# transformer learns more per step from smaller batches (bs 16 against 64 at equal time),
+# and it needs its 16 epochs: exact match on the validation stream 80.2% after 10, 88.4%
+# after 16 (mostly circles taken for squares before).
 RECIPES = {
     "show_attend_tell": Recipe(epochs=12, batch_size=64, lr=3e-3, loss=sat_loss),
-    "vit_captioner": Recipe(epochs=10, batch_size=16, lr=2e-3, loss=teacher_forced_loss),
+    "vit_captioner": Recipe(epochs=16, batch_size=16, lr=2e-3, loss=teacher_forced_loss),
 }
 
 
