@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -301,8 +302,9 @@ def _latency(models: list[DemoModel], url: str, say: Say) -> None:
     table = Table("model", "eager", "ONNX Runtime", "Triton (gRPC)", "ORT / eager", "Triton / ORT")
     with Client(url, timeout_s=120) as client:
         for m in models:
-            m.latency_ms = {backend: median_ms(call, LATENCY_CALLS, LATENCY_WARMUP)
-                            for backend, call in _calls(m, client).items()}
+            with ExitStack() as runners:
+                m.latency_ms = {backend: median_ms(call, LATENCY_CALLS, LATENCY_WARMUP)
+                                for backend, call in _calls(m, client, runners).items()}
             e, o, t = (m.latency_ms[b] for b in ("torch", "ort", "triton"))
             table.add_row(m.served, f"{e:.2f}", f"{o:.2f}", f"{t:.2f}", f"{o / e:.2f}x", f"{t / o:.2f}x")
     console = Console(record=True, width=120)
@@ -312,8 +314,9 @@ def _latency(models: list[DemoModel], url: str, say: Say) -> None:
         say(line)
 
 
-def _calls(m: DemoModel, client) -> dict[str, Callable[[], object]]:
-    """backend -> a call that runs one request of `m` at batch 1, the same input for all."""
+def _calls(m: DemoModel, client, runners: ExitStack) -> dict[str, Callable[[], object]]:
+    """backend -> a call that runs one request of `m` at batch 1, the same input for all;
+    the in-process runners are closed with `runners`."""
     from attnserve import runtime
     from attnserve.client._core import generation_inputs
 
@@ -322,21 +325,25 @@ def _calls(m: DemoModel, client) -> dict[str, Callable[[], object]]:
         spec = client.model_info(served).require_spec()
         name = spec.input_names[0]
         image = spec.example_inputs(1, seed=0)[name]
-        calls = {backend: _greedy_caller(m.export_dir, backend, name, image) for backend in ("torch", "ort")}
+        calls = {backend: _greedy_caller(m.export_dir, backend, name, image, runners)
+                 for backend in ("torch", "ort")}
         request = generation_inputs({name: image}, 1, None)
         calls["triton"] = lambda: client.infer(served, request)
         return calls
     spec = client.model_info(m.served).require_spec()
     feed = spec.example_inputs(1, seed=0)
-    calls = {backend: runtime.load(m.export_dir, backend=backend).run for backend in ("torch", "ort")}
+    calls = {backend: runners.enter_context(runtime.load(m.export_dir, backend=backend)).run
+             for backend in ("torch", "ort")}
     return {backend: (lambda run=run: run(feed)) for backend, run in calls.items()} | {
         "triton": lambda: client.infer(m.served, feed)}
 
 
-def _greedy_caller(export_dir: Path, backend: str, image_input: str, image: np.ndarray):
+def _greedy_caller(export_dir: Path, backend: str, image_input: str, image: np.ndarray, runners: ExitStack):
     from attnserve import runtime
     from attnserve.runtime.generate import greedy_search
 
     encoder, step, config = runtime.load_generator(export_dir, backend=backend)
+    runners.enter_context(encoder)
+    runners.enter_context(step)
     return lambda: greedy_search(encoder, step, {image_input: image}, config)
 

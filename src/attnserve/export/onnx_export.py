@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -33,6 +34,10 @@ from attnserve.models.layers import explicit_attention
 from attnserve.ops import onnx_ops
 from attnserve.spec import ModelSpec, TensorSpec
 from attnserve.text import Vocabulary
+
+# torch's exporter warns, on every export, that torchvision's detection ops (nms,
+# roi_align, ...) cannot be registered when torchvision is absent; no model here uses them.
+logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
 
 # ONNX Runtime 1.31 refuses newer IR versions than this (checked, see DESIGN.md).
 MAX_IR_VERSION = 10
