@@ -39,8 +39,9 @@ $(SERVE_VENV)/.installed: pyproject.toml requirements-serve.txt
 serve-env: $(SERVE_VENV)/.installed
 
 # Two workers, one per core, each taking whole files: exporting is mostly single-threaded
-# Python (tracing), so the suite takes ~9 minutes instead of ~14. Files keep their exports
-# (the session fixture) within one worker.
+# Python (tracing); when measured, two workers took ~9 minutes against ~14 for one (the
+# suite has grown since: 17.6 minutes in the last fresh-clone run). Files keep their
+# exports (the session fixture) within one worker.
 PYTEST := $(VENV)/bin/pytest -q -n 2 --dist loadfile --durations=15
 
 test: install reference-env serve-env
