@@ -301,10 +301,11 @@ def image_captioning_spec(
 
 
 def image_preprocessing(img_size: int, mean: tuple[float, ...], std: tuple[float, ...]) -> dict:
-    """How clients turn an image into the model's input: resize the short side to
-    `resize`, centre-crop `image_size`, scale to [0, 1], normalise per channel."""
+    """How clients turn an image into the model's input: turn it grey for a one-channel
+    model (one mean), resize the short side to `resize`, centre-crop `image_size`, scale
+    to [0, 1], normalise per channel."""
     return {"image_size": img_size, "resize": int(round(img_size / 0.875)), "mean": list(mean),
-            "std": list(std), "color": "RGB", "layout": "NCHW"}
+            "std": list(std), "color": "gray" if len(mean) == 1 else "RGB", "layout": "NCHW"}
 
 
 def source_specs(cfg) -> tuple[TensorSpec, ...]:

@@ -191,8 +191,8 @@ def _spec(name: str, config_name: str, cfg: RAMConfig) -> ModelSpec:
               if cfg.sample_locations else "mean: the Gaussian policy's mean, no sampling (deterministic)")
     # MNIST digits in [0, 1], as the paper feeds them; the canvas is the whole input (no
     # crop margin: a translated digit may sit at its edge).
-    preprocessing = {**image_preprocessing(cfg.img_size, (0.0,), (1.0,)), "resize": cfg.img_size,
-                     "color": "gray" if cfg.in_chans == 1 else "RGB",
+    preprocessing = {**image_preprocessing(cfg.img_size, (0.0,) * cfg.in_chans, (1.0,) * cfg.in_chans),
+                     "resize": cfg.img_size,
                      "location_policy": policy,
                      "locations": "(x, y) of each glimpse's centre, (-1, -1) top-left, (1, 1) bottom-right",
                      "patch_size": cfg.patch_size, "num_scales": cfg.num_scales}

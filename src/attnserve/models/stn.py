@@ -169,9 +169,7 @@ def _spec(name: str, config_name: str, cfg: STNConfig) -> ModelSpec:
     spec = image_classification_spec(name, config_name, img_size=cfg.img_size, in_chans=cfg.in_chans,
                                       num_classes=cfg.num_classes, dynamic_size=False,
                                       mean=(0.0,) * cfg.in_chans, std=(1.0,) * cfg.in_chans)
-    preprocessing = {**spec.preprocessing, "resize": cfg.img_size,
-                     "color": "gray" if cfg.in_chans == 1 else "RGB"}
-    return dataclasses.replace(spec, preprocessing=preprocessing)
+    return dataclasses.replace(spec, preprocessing={**spec.preprocessing, "resize": cfg.img_size})
 
 
 register_model(
