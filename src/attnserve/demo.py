@@ -41,12 +41,12 @@ class DemoModel:
     task: str
     trained: TrainResult
     export_dir: Path | None = None
-    served: str | None = None  # its name in the repository
     served_score: dict[str, float] = field(default_factory=dict)
     latency_ms: dict[str, float] = field(default_factory=dict)
 
     @property
     def name(self) -> str:
+        """Its export's folder and its name in the repository."""
         return f"{self.trained.model}-{self.trained.config}"
 
 
@@ -101,9 +101,7 @@ def run_demo(root: str | Path = "out/demo", *, seed: int = 0, say: Say = print,
     from attnserve.serving import ServingPolicy, TritonServer, build_repository
 
     repo = timed("repository", build_repository, [m.export_dir for m in models], layout.repo, "python",
-                 ServingPolicy(max_batch_size=8, preferred_batch_sizes=(4, 8)))
-    for m in models:
-        m.served = m.name
+                 ServingPolicy(max_batch_size=8, preferred_batch_sizes=(4, 8)), [m.name for m in models])
     t0 = time.perf_counter()
     with TritonServer(repo, log_file=layout.server_log, python=python, strict=True) as server:
         timings["server start"] = time.perf_counter() - t0
@@ -117,7 +115,7 @@ def run_demo(root: str | Path = "out/demo", *, seed: int = 0, say: Say = print,
         "seconds": {k: round(v, 1) for k, v in timings.items()},
         "models": [{
             "task": m.task, "model": m.trained.model, "config": m.trained.config,
-            "checkpoint": str(m.trained.checkpoint), "export": str(m.export_dir), "served_as": m.served,
+            "checkpoint": str(m.trained.checkpoint), "export": str(m.export_dir), "served_as": m.name,
             "held_out": m.trained.metrics, "served": m.served_score, "latency_ms": m.latency_ms,
             "train_seconds": round(m.trained.seconds, 1),
         } for m in models],
@@ -202,17 +200,17 @@ def _digits(client, layout: DemoLayout, models: list[DemoModel], seed: int, say:
     samples = task_module("digits").write_samples(layout.inputs / "digits", n=48, seed=seed)
     say(f"  {len(samples)} held-out cluttered digits in {layout.inputs / 'digits'}")
     for m in models:
-        predicted = [client.classify(m.served, path, top_k=1)[0].label for path, _ in samples]
+        predicted = [client.classify(m.name, path, top_k=1)[0].label for path, _ in samples]
         right = sum(p == truth for p, (_, truth) in zip(predicted, samples, strict=True))
         m.served_score = {"accuracy": right / len(samples)}
         pairs = list(zip(predicted, samples, strict=True))[:12]
         shown = "  ".join(f"{truth}->{p}" for p, (_, truth) in pairs)
-        say(f"  {m.served}: {right}/{len(samples)} right through Triton ({right / len(samples):.0%}); "
+        say(f"  {m.name}: {right}/{len(samples)} right through Triton ({right / len(samples):.0%}); "
             f"truth->answer: {shown}")
         if m.trained.model == "ram":
-            path = layout.pictures / f"{m.served}-glimpses.png"
-            visualize.save_png(_glimpse_sheet(client, m.served, [p for p, _ in samples[:8]]), path)
-            say(f"  {m.served}: where it looked -> {path}")
+            path = layout.pictures / f"{m.name}-glimpses.png"
+            visualize.save_png(_glimpse_sheet(client, m.name, [p for p, _ in samples[:8]]), path)
+            say(f"  {m.name}: where it looked -> {path}")
 
 
 def _glimpse_sheet(client, model: str, paths: list[Path]) -> np.ndarray:
@@ -221,6 +219,7 @@ def _glimpse_sheet(client, model: str, paths: list[Path]) -> np.ndarray:
 
     from attnserve.client import load_image
     from attnserve.client._core import pixels
+    from attnserve.postprocess_ram import glimpse_boxes
 
     spec = client.model_info(model).require_spec()
     patch = int(spec.preprocessing.get("patch_size", 8))
@@ -230,12 +229,10 @@ def _glimpse_sheet(client, model: str, paths: list[Path]) -> np.ndarray:
         out = client.infer(model, {spec.input_names[0]: pixels(spec, [rgb])}, ["locations"])["locations"][0]
         size, scale = rgb.shape[0], 4
         panel = cv2.resize(rgb, (size * scale, size * scale), interpolation=cv2.INTER_NEAREST)
-        for t, (x, y) in enumerate(out):
-            cx, cy = (x + 1) / 2 * size * scale, (y + 1) / 2 * size * scale
-            half = patch * scale / 2
-            shade = int(255 * (1 - t / max(len(out), 1)))
-            cv2.rectangle(panel, (int(cx - half), int(cy - half)), (int(cx + half), int(cy + half)),
-                          (255, shade, 0), 1)
+        boxes = glimpse_boxes(out, (size, size), patch, num_scales=1)[:, 0] * scale  # (N, 4), finest patch
+        for t, (x0, y0, x1, y1) in enumerate(boxes):
+            shade = int(255 * (1 - t / max(len(boxes), 1)))
+            cv2.rectangle(panel, (int(x0), int(y0)), (int(x1), int(y1)), (255, shade, 0), 1)
         panels.append(panel)
     return np.concatenate(panels, axis=1)
 
@@ -248,17 +245,17 @@ def _captions(client, layout: DemoLayout, models: list[DemoModel], seed: int, sa
     for m in models:
         exact = 0
         for i, (path, truth) in enumerate(samples):
-            caption = client.caption(m.served, path)
+            caption = client.caption(m.name, path)
             exact += caption.text == truth
             if i < 4:
                 mark = "=" if caption.text == truth else "!"
-                say(f"  {m.served}: {path.name}: {caption.text!r} {mark} {truth!r}")
+                say(f"  {m.name}: {path.name}: {caption.text!r} {mark} {truth!r}")
             if i < 2 and caption.attention is not None:
-                picture = layout.pictures / f"{m.served}-{path.stem}-attention.png"
+                picture = layout.pictures / f"{m.name}-{path.stem}-attention.png"
                 visualize.save_png(visualize.caption_attention(load_image(path), caption), picture)
         m.served_score = {"exact_match": exact / len(samples)}
-        say(f"  {m.served}: {exact}/{len(samples)} captions exactly right through Triton; "
-            f"attention per word -> {layout.pictures / (m.served + '-*-attention.png')}")
+        say(f"  {m.name}: {exact}/{len(samples)} captions exactly right through Triton; "
+            f"attention per word -> {layout.pictures / (m.name + '-*-attention.png')}")
 
 
 def _actions(client, layout: DemoLayout, models: list[DemoModel], seed: int, say: Say) -> None:
@@ -268,7 +265,7 @@ def _actions(client, layout: DemoLayout, models: list[DemoModel], seed: int, say
     video, segments = actions.write_video(layout.inputs / "actions.mp4", seed=seed)
     say(f"  {video}: {len(segments)} actions, " + ", ".join(f"{s}-{e} {a}" for s, e, a in segments))
     for m in models:
-        windows = client.recognize_actions(m.served, video, top_k=1)
+        windows = client.recognize_actions(m.name, video, top_k=1)
         right = 0
         found = []
         for w in windows:
@@ -277,10 +274,10 @@ def _actions(client, layout: DemoLayout, models: list[DemoModel], seed: int, say
             right += said == truth
             found.append(f"{w.start}-{w.end} {said}" + ("" if said == truth else f" (was {truth})"))
         m.served_score = {"clip_accuracy": right / max(len(windows), 1)}
-        picture = layout.pictures / f"{m.served}-timeline.png"
+        picture = layout.pictures / f"{m.name}-timeline.png"
         visualize.save_png(visualize.action_timeline(windows), picture)
-        say(f"  {m.served}: {right}/{len(windows)} clips right through Triton; {'; '.join(found)}")
-        say(f"  {m.served}: timeline -> {picture}")
+        say(f"  {m.name}: {right}/{len(windows)} clips right through Triton; {'; '.join(found)}")
+        say(f"  {m.name}: timeline -> {picture}")
 
 
 CALLERS = {"digits": _digits, "captions": _captions, "actions": _actions}
@@ -306,7 +303,7 @@ def _latency(models: list[DemoModel], url: str, say: Say) -> None:
                 m.latency_ms = {backend: median_ms(call, LATENCY_CALLS, LATENCY_WARMUP)
                                 for backend, call in _calls(m, client, runners).items()}
             e, o, t = (m.latency_ms[b] for b in ("torch", "ort", "triton"))
-            table.add_row(m.served, f"{e:.2f}", f"{o:.2f}", f"{t:.2f}", f"{o / e:.2f}x", f"{t / o:.2f}x")
+            table.add_row(m.name, f"{e:.2f}", f"{o:.2f}", f"{t:.2f}", f"{o / e:.2f}x", f"{t / o:.2f}x")
     console = Console(record=True, width=120)
     with console.capture() as captured:
         console.print(table)
@@ -321,7 +318,7 @@ def _calls(m: DemoModel, client, runners: ExitStack) -> dict[str, Callable[[], o
     from attnserve.client._core import generation_inputs
 
     if m.task == "captions":
-        served = f"{m.served}-generate"
+        served = f"{m.name}-generate"
         spec = client.model_info(served).require_spec()
         name = spec.input_names[0]
         image = spec.example_inputs(1, seed=0)[name]
@@ -330,12 +327,12 @@ def _calls(m: DemoModel, client, runners: ExitStack) -> dict[str, Callable[[], o
         request = generation_inputs({name: image}, 1, None)
         calls["triton"] = lambda: client.infer(served, request)
         return calls
-    spec = client.model_info(m.served).require_spec()
+    spec = client.model_info(m.name).require_spec()
     feed = spec.example_inputs(1, seed=0)
     calls = {backend: runners.enter_context(runtime.load(m.export_dir, backend=backend)).run
              for backend in ("torch", "ort")}
     return {backend: (lambda run=run: run(feed)) for backend, run in calls.items()} | {
-        "triton": lambda: client.infer(m.served, feed)}
+        "triton": lambda: client.infer(m.name, feed)}
 
 
 def _greedy_caller(export_dir: Path, backend: str, image_input: str, image: np.ndarray, runners: ExitStack):
