@@ -38,6 +38,7 @@ from attnserve.train.common import (
     accuracy,
     batches,
     checkpoint_path,
+    epoch_progress,
     fit,
     new_model,
     save_result,
@@ -337,12 +338,6 @@ def video_accuracy(model: nn.Module, preprocessing: dict, path: str | Path,
     return accuracy(model, np.stack(clips), np.array(truth), batch_size=batch_size)
 
 
-def _progress(on_progress: Progress | None, name: str, epochs: int):
-    if on_progress is None:
-        return None
-    return lambda e, loss: on_progress(f"{name} epoch {e + 1}/{epochs}: loss {loss:.4f}")
-
-
 def train(out_dir: Path, seed: int = 0, on_progress: Progress | None = None) -> list[TrainResult]:
     """Train vivit and nonlocal_i3d (config `shapes`) on the same synthetic clips; write
     their checkpoints with the held-out accuracy and the accuracy on the clips of a video
@@ -368,7 +363,7 @@ def train(out_dir: Path, seed: int = 0, on_progress: Progress | None = None) -> 
                 model = new_model(name, config, seed)
                 inputs = model_input(train_clips, spec.preprocessing)
                 losses = train_model(model, inputs, train_labels, seed, epochs, LR[name],
-                                     on_epoch=_progress(on_progress, f"{name} {config}", epochs))
+                                     on_epoch=epoch_progress(on_progress, f"{name} {config}", epochs))
                 del inputs
             acc = accuracy(model, model_input(test_clips, spec.preprocessing), test_labels, batch_size=100)
             on_video = video_accuracy(model, spec.preprocessing, video, segments)

@@ -108,6 +108,14 @@ def fit(
     return losses
 
 
+def epoch_progress(on_progress: Progress | None, name: str, epochs: int
+                   ) -> Callable[[int, float], None] | None:
+    """fit's on_epoch that reports "NAME epoch e/E: loss L" to `on_progress` (None: none)."""
+    if on_progress is None:
+        return None
+    return lambda e, loss: on_progress(f"{name} epoch {e + 1}/{epochs}: loss {loss:.4f}")
+
+
 @torch.no_grad()
 def accuracy(model: nn.Module, images: np.ndarray, labels: np.ndarray, batch_size: int = 256,
              logits_of: Callable = lambda out: out) -> float:

@@ -55,6 +55,7 @@ from attnserve.train.common import (
     accuracy,
     batches,
     checkpoint_path,
+    epoch_progress,
     fit,
     new_model,
     save_result,
@@ -439,12 +440,6 @@ def glimpses_on_digit(ram: nn.Module, data: Canvases, batch_size: int = 256) -> 
     return hits / max(total, 1)
 
 
-def _progress(on_progress: Progress | None, name: str, epochs: int):
-    if on_progress is None:
-        return None
-    return lambda e, loss: on_progress(f"{name} epoch {e + 1}/{epochs}: loss {loss:.4f}")
-
-
 def train(out_dir: Path, seed: int = 0, on_progress: Progress | None = None) -> list[TrainResult]:
     """Train stn (and its no-transformer baseline) and ram on cluttered digits; write
     `stn-digits` and `ram-digits` checkpoints with their held-out accuracies."""
@@ -458,13 +453,13 @@ def train(out_dir: Path, seed: int = 0, on_progress: Progress | None = None) -> 
 
     with Timer() as base_time:
         baseline = new_baseline(seed)
-        train_classifier(baseline, train_set, seed, CLASSIFIER_EPOCHS,
-                         on_epoch=_progress(on_progress, "stn baseline (no transformer)", CLASSIFIER_EPOCHS))
+        train_classifier(baseline, train_set, seed, CLASSIFIER_EPOCHS, on_epoch=epoch_progress(
+            on_progress, "stn baseline (no transformer)", CLASSIFIER_EPOCHS))
     baseline_acc = accuracy(baseline, test_set.images, test_set.labels)
     with Timer() as stn_time:
         stn = new_model("stn", "digits", seed)
         losses = train_classifier(stn, train_set, seed, CLASSIFIER_EPOCHS,
-                                  on_epoch=_progress(on_progress, "stn digits", CLASSIFIER_EPOCHS))
+                                  on_epoch=epoch_progress(on_progress, "stn digits", CLASSIFIER_EPOCHS))
     stn_acc = accuracy(stn, test_set.images, test_set.labels)
     if on_progress:
         on_progress(f"stn digits: held-out accuracy {stn_acc:.4f} "
@@ -480,7 +475,7 @@ def train(out_dir: Path, seed: int = 0, on_progress: Progress | None = None) -> 
     with Timer() as ram_time:
         ram = new_ram(seed)
         losses = train_ram(ram, train_set, seed, RAM_EPOCHS,
-                           on_epoch=_progress(on_progress, "ram digits", RAM_EPOCHS))
+                           on_epoch=epoch_progress(on_progress, "ram digits", RAM_EPOCHS))
     ram_acc = accuracy(ram, test_set.images, test_set.labels, logits_of=lambda out: out[0])
     on_digit = glimpses_on_digit(ram, test_set)
     if on_progress:
